@@ -1,0 +1,31 @@
+"""Continual layers and containers."""
+
+from ._branches import BroadcastReduce, Parallel, Residual
+from ._conditional import Conditional
+from ._conv import Conv1d, Conv2d, Conv3d
+from ._delay import Delay, Skip
+from ._frame import Broadcast, Lambda, Linear, Reduce, Reshape
+from ._pointwise import is_pointwise, register_pointwise
+from ._pool import (
+    AdaptiveAvgPool1d,
+    AdaptiveAvgPool2d,
+    AdaptiveAvgPool3d,
+    AdaptiveMaxPool1d,
+    AdaptiveMaxPool2d,
+    AdaptiveMaxPool3d,
+    AvgPool1d,
+    AvgPool2d,
+    AvgPool3d,
+    MaxPool1d,
+    MaxPool2d,
+    MaxPool3d,
+)
+from ._sequential import Sequential
+
+__all__ = [
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
+    "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Broadcast",
+    "BroadcastReduce", "Conditional", "Conv1d", "Conv2d", "Conv3d", "Delay", "Lambda", "Linear",
+    "MaxPool1d", "MaxPool2d", "MaxPool3d", "Parallel", "Reduce", "Reshape", "Residual",
+    "Sequential", "Skip", "is_pointwise", "register_pointwise",
+]

@@ -1,0 +1,35 @@
+"""Caching of tensors derived from parameters (e.g. a re-laid-out conv kernel)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class DerivedCache:
+    """Recompute ``fn()`` only when one of the source tensors changed (in place or replaced).
+
+    The cache is bypassed while autograd records (so gradients reach the parameters) and while
+    ``torch.compile`` / ``torch.export`` trace (the derivation becomes part of the graph).
+    """
+
+    __slots__ = ("fn", "key", "value")
+
+    def __init__(self, fn: Callable[[], tuple[Tensor | None, ...]]) -> None:
+        self.fn = fn
+        self.key: tuple | None = None
+        self.value: tuple[Tensor | None, ...] | None = None
+
+    def get(self, *sources: Tensor | None) -> tuple[Tensor | None, ...]:
+        if torch.compiler.is_compiling():
+            return self.fn()
+        if torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources):
+            return self.fn()
+        key = tuple((s.data_ptr(), s._version, s.dtype, s.device) if s is not None else None
+                    for s in sources)
+        if key != self.key:
+            self.value = self.fn()
+            self.key = key
+        return self.value

@@ -1,0 +1,308 @@
+"""Continual convolutions (Co3D, arXiv 2106.00050, section 3).
+
+Each step convolves only the new frame, with all ``k`` temporal taps stacked as output channels of
+one spatial convolution, and adds the results into ``(k - 1) * dilation`` running partial sums: the
+MACs executed per step equal those of one output frame of the offline convolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core._module import Age, CoModule, advance, chunk_emissions, emits
+from ..core._temporal import Temporal
+from ._cache import DerivedCache
+
+_FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
+
+
+class _CoConvNd(CoModule):
+    """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
+
+    _torch_base: type[nn.modules.conv._ConvNd]
+    _ndim: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._validate()
+
+    @classmethod
+    def from_torch(cls, conv: nn.modules.conv._ConvNd) -> _CoConvNd:
+        """A continual conv sharing ``conv``'s parameters (same names, same tensors)."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                  padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                  bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta")
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.train(conv.training)
+        return new
+
+    def _validate(self) -> None:
+        if self.padding_mode not in ("zeros", "replicate"):
+            raise ValueError(
+                f"continual {type(self).__name__} supports padding_mode 'zeros' and 'replicate', "
+                f"not {self.padding_mode!r} (it would need future or wrapped-around frames)"
+            )
+        if getattr(self, "output_padding", (0,))[0] != 0 or self.transposed:
+            raise ValueError("transposed convolutions are not supported")
+        pad = self._reversed_padding_repeated_twice
+        self._tpad = (pad[-2], pad[-1])
+        self._spad = list(pad[:-2])
+        k, d = self.kernel_size[0], self.dilation[0]
+        if self._tpad[0] > (k - 1) * d:
+            raise ValueError(
+                f"temporal padding {self._tpad[0]} exceeds (kernel_size - 1) * dilation = "
+                f"{(k - 1) * d}: outputs would depend on padding only"
+            )
+        self._span = (k - 1) * d
+        self._cache = DerivedCache(self._frame_kernel)
+
+    # ------------------------------------------------------------------ geometry
+    def _temporal(self) -> Temporal:
+        return Temporal(self._span + 1, self.stride[0], self._tpad[0], self._tpad[1])
+
+    def _input_spec(self) -> tuple[int | None, int | None]:
+        return self._ndim + 1, self.in_channels
+
+    def _out_spatial(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        out = []
+        for i, s in enumerate(spatial):
+            k, st, d = self.kernel_size[i + 1], self.stride[i + 1], self.dilation[i + 1]
+            lo, hi = self._spad[2 * (len(spatial) - 1 - i)], self._spad[2 * (len(spatial) - 1 - i)
+                                                                         + 1]
+            out.append((s + lo + hi - d * (k - 1) - 1) // st + 1)
+        return tuple(out)
+
+    # ------------------------------------------------------------------ kernels
+    def _frame_kernel(self) -> tuple[Tensor, Tensor | None]:
+        w = self.weight
+        k = self.kernel_size[0]
+        w_all = w.transpose(1, 2).reshape(w.shape[0] * k, *w.shape[1:2], *w.shape[3:])
+        b_all = None
+        if self.bias is not None:
+            b_all = torch.zeros(w.shape[0], k, dtype=w.dtype, device=w.device)
+            b_all[:, k - 1] = self.bias
+            b_all = b_all.reshape(-1)
+        return w_all, b_all
+
+    def _contributions(self, x: Tensor) -> Tensor:
+        """All ``k`` temporal taps of frames ``x`` ``(N, C_in, *S)``: ``(N, C_out, k, *S_out)``."""
+        w_all, b_all = self._cache.get(self.weight, self.bias)
+        n = x.shape[0]
+        if self._ndim == 1:
+            if self.groups == 1:
+                z = F.linear(x, w_all.view(w_all.shape[0], -1), b_all)
+            else:
+                z = F.conv1d(x.unsqueeze(-1), w_all.unsqueeze(-1), b_all, groups=self.groups)
+            return z.view(n, self.out_channels, self.kernel_size[0])
+        conv = _FRAME_CONV[self._ndim - 1]
+        sp = self._spad
+        if self.padding_mode == "replicate" and any(sp):
+            x = F.pad(x, sp, mode="replicate")
+            padding: Any = 0
+        elif all(sp[i] == sp[i + 1] for i in range(0, len(sp), 2)):
+            padding = tuple(sp[::2][::-1])
+        else:
+            x = F.pad(x, sp)
+            padding = 0
+        z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], self.groups)
+        return z.view(n, self.out_channels, self.kernel_size[0], *z.shape[2:])
+
+    def _update(self, z: Tensor, psum: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Add tap contributions ``z`` into the partial sums: (due output, new partial sums)."""
+        k, d = self.kernel_size[0], self.dilation[0]
+        if psum is None:
+            return z[:, :, 0], None
+        if d == 1:
+            z[:, :, 1:] += psum
+            return z[:, :, k - 1], z[:, :, : k - 1]
+        full = torch.cat((z[:, :, :1], psum), dim=2)
+        full[:, :, d::d] += z[:, :, 1:]
+        return full[:, :, self._span], full[:, :, : self._span]
+
+    def _replicate_start(self, z: Tensor) -> Tensor | None:
+        """Partial sums after the start padding, replicated from the frame with taps ``z``."""
+        psum = torch.zeros_like(z[:, :, :1]).expand(-1, -1, self._span, *z.shape[3:]).clone()
+        for _ in range(self._tpad[0]):
+            _, psum = self._update(z.clone(), psum)
+        return psum
+
+    # ------------------------------------------------------------------ state and steps
+    def _init(self, batch: int, shape: tuple, device: torch.device, dtype: torch.dtype):
+        spatial = self._out_spatial(tuple(shape[1:]))
+        state = {"psum": torch.zeros(batch, self.out_channels, self._span, *spatial,
+                                     device=device, dtype=dtype) if self._span else None}
+        if self.padding_mode == "replicate":
+            state["last"] = torch.zeros(batch, *shape, device=device, dtype=dtype)
+        return state, (self.out_channels, *spatial)
+
+    def _step(self, x: Tensor, state: dict, age: Age, phase: int):
+        replicate = self.padding_mode == "replicate"
+        if isinstance(age, Tensor) and self._tpad[0]:
+            # filler frames before a stream's first frame must leave the start padding intact:
+            # a zero frame only adds the bias to the (discarded) output due now
+            x = torch.where((age >= 0).view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
+        z = self._contributions(x)
+        psum = state["psum"]
+        if age is not None and replicate and self._tpad[0]:
+            if isinstance(age, int):
+                if age == 0:
+                    psum = self._replicate_start(z)
+            else:
+                start = (age == 0).view(-1, *(1,) * (psum.dim() - 1))
+                psum = torch.where(start, self._replicate_start(z), psum)
+        y, new = self._update(z, psum)
+        state = {"psum": new, "last": x} if replicate else {"psum": new}
+        t = self.stride[0]
+        if not emits(phase, self._span - self._tpad[0], t):
+            return None, state, None, 0
+        out_age, out_phase = advance(age, phase, self._span - self._tpad[0], t)
+        if isinstance(out_age, int) and out_age < 0:
+            return None, state, None, 0
+        return y, state, out_age, out_phase
+
+    def _steps(self, x: Tensor, state: dict, age: Age, phase: int):
+        if isinstance(age, Tensor):
+            return super()._steps(x, state, age, phase)
+        b, c, t = x.shape[:3]
+        if t == 0:
+            return None, state, None, 0
+        frames = x.transpose(1, 2).reshape(b * t, c, *x.shape[3:])
+        z = self._contributions(frames)
+        z = z.view(b, t, *z.shape[1:]).transpose(1, 3)  # (B, k, C_out, T, *S) -> taps on dim 1
+        z = z.transpose(1, 2)  # (B, C_out, k, T, *S)
+        psum = state["psum"]
+        if self.padding_mode == "replicate" and self._tpad[0] and age == 0:
+            psum = self._replicate_start(z[:, :, :, 0].contiguous())
+        k, d, span = self.kernel_size[0], self.dilation[0], self._span
+        buf = z.new_zeros(b, self.out_channels, t + span, *z.shape[4:])
+        if span:
+            buf[:, :, :span] = psum.flip(2)
+        for i in range(k):
+            off = (k - 1 - i) * d
+            buf[:, :, off: off + t] += z[:, :, i]
+        new = buf[:, :, t:].flip(2) if span else None
+        state = {"psum": new}
+        if self.padding_mode == "replicate":
+            state["last"] = x[:, :, -1]
+        delay, st = span - self._tpad[0], self.stride[0]
+        first, n = chunk_emissions(t, phase, delay, st)
+        if n == 0:
+            return None, state, None, 0
+        out_age, out_phase = advance(None if age is None else age + first, phase + first, delay, st)
+        y = buf[:, :, first: first + (n - 1) * st + 1: st]
+        if isinstance(out_age, int) and out_age < 0:
+            y = y[:, :, -out_age:]
+            if y.shape[2] == 0:
+                return None, state, None, 0
+            out_age = out_phase = 0
+        return y, state, out_age, out_phase
+
+    def _flush(self, state: dict, age: Age, phase: int):
+        pad = self._tpad[1]
+        if pad <= 0:
+            return None, state, None, 0
+        if self.padding_mode == "replicate":
+            last = state["last"]
+            frames = last.unsqueeze(2).expand(-1, -1, pad, *last.shape[2:])
+            return self._steps(frames, state, age, phase)
+        return self._flush_zeros(state, age, phase, pad)
+
+    def _flush_zeros(self, state: dict, age: Age, phase: int, pad: int):
+        """End padding with zero frames: their tap contributions are only the bias."""
+        psum = state["psum"]
+        b = psum.shape[0]
+        _, b_all = self._cache.get(self.weight, self.bias)
+        k = self.kernel_size[0]
+        bias = (b_all.view(self.out_channels, k) if b_all is not None
+                else psum.new_zeros(self.out_channels, k))
+        z = bias.view(1, self.out_channels, k, *(1,) * (psum.dim() - 3))
+        z = z.expand(b, -1, -1, *psum.shape[3:])
+        frames = []
+        out_age0: Age = None
+        out_phase0 = 0
+        for i in range(pad):
+            a = None if age is None else age + i
+            y, psum = self._update(z.clone(), psum)
+            delay, st = self._span - self._tpad[0], self.stride[0]
+            if emits(phase + i, delay, st):
+                oa, op = advance(a, phase + i, delay, st)
+                if isinstance(oa, int) and oa < 0:
+                    continue
+                if not frames:
+                    out_age0, out_phase0 = oa, op
+                frames.append(y)
+        state = {"psum": psum}
+        if not frames:
+            return None, state, None, 0
+        return torch.stack(frames, 2), state, out_age0, out_phase0
+
+    # ------------------------------------------------------------------ offline
+    def _clip(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != self._ndim + 2:
+            raise ValueError(
+                f"{type(self).__name__}.forward expects a clip with {self._ndim + 2} dims "
+                f"(B, C, T, ...), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}"
+            )
+        return self._torch_base.forward(self, x)
+
+
+class Conv1d(_CoConvNd, nn.Conv1d):
+    """Continual 1D convolution over time: clips ``(B, C, T)``, frames ``(B, C)``.
+
+    Same constructor and parameters as :class:`torch.nn.Conv1d`; ``padding_mode`` is
+    ``"zeros"`` or ``"replicate"``.
+
+    Shape:
+        clip ``(B, C_in, T)`` -> ``(B, C_out, T_out)``; frame ``(B, C_in)`` -> ``(B, C_out)``.
+
+    Example:
+        >>> import torch, costream as cs
+        >>> conv = cs.Conv1d(2, 4, kernel_size=3, padding=1).double()
+        >>> x = torch.randn(1, 2, 10, dtype=torch.double)
+        >>> steps = conv.forward_steps(x, pad_end=True)
+        >>> torch.allclose(steps, conv(x))
+        True
+    """
+
+    _torch_base = nn.Conv1d
+    _ndim = 1
+
+
+class Conv2d(_CoConvNd, nn.Conv2d):
+    """Continual 2D convolution; the first kernel dimension is time: clips ``(B, C, T, S)``.
+
+    Shape:
+        clip ``(B, C_in, T, S)`` -> ``(B, C_out, T_out, S_out)``; frame ``(B, C_in, S)``.
+
+    Example:
+        >>> import torch, costream as cs
+        >>> conv = cs.Conv2d(3, 8, kernel_size=(3, 5), padding=(1, 2))
+        >>> conv.forward_step(torch.randn(2, 3, 25)) is None
+        True
+    """
+
+    _torch_base = nn.Conv2d
+    _ndim = 2
+
+
+class Conv3d(_CoConvNd, nn.Conv3d):
+    """Continual 3D convolution; the first kernel dimension is time: clips ``(B, C, T, H, W)``.
+
+    Shape:
+        clip ``(B, C_in, T, H, W)`` -> ``(B, C_out, T_out, H_out, W_out)``; frame ``(B, C, H, W)``.
+
+    Example:
+        >>> import torch, costream as cs
+        >>> conv = cs.Conv3d(3, 8, kernel_size=3, padding=(0, 1, 1))
+        >>> x = torch.randn(1, 3, 5, 16, 16)
+        >>> conv.forward_steps(x).shape  # receptive field 3: outputs due after 3 frames
+        torch.Size([1, 8, 3, 16, 16])
+    """
+
+    _torch_base = nn.Conv3d
+    _ndim = 3
