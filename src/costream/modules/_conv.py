@@ -78,27 +78,33 @@ class _CoConvNd(CoModule):
         return tuple(out)
 
     # ------------------------------------------------------------------ kernels
+    # Tap contributions of a frame are laid out as (N, groups, k, C_out / groups, *S): taps on
+    # dim 2, and for groups=1 the due output frame is contiguous.
     def _frame_kernel(self) -> tuple[Tensor, Tensor | None]:
         w = self.weight
-        k = self.kernel_size[0]
-        w_all = w.transpose(1, 2).reshape(w.shape[0] * k, *w.shape[1:2], *w.shape[3:])
+        g, k = self.groups, self.kernel_size[0]
+        cg = w.shape[0] // g
+        w_all = w.view(g, cg, w.shape[1], k, *w.shape[3:]).transpose(2, 3).transpose(1, 2)
+        w_all = w_all.reshape(g * k * cg, w.shape[1], *w.shape[3:])
+        if self._ndim == 1 and g == 1:
+            w_all = w_all.view(w_all.shape[0], w_all.shape[1])
         b_all = None
         if self.bias is not None:
-            b_all = torch.zeros(w.shape[0], k, dtype=w.dtype, device=w.device)
-            b_all[:, k - 1] = self.bias
-            b_all = b_all.reshape(-1)
+            b_all = torch.zeros(g, k, cg, dtype=w.dtype, device=w.device)
+            b_all[:, k - 1] = self.bias.view(g, cg)
+            b_all = b_all.view(-1)
         return w_all, b_all
 
     def _contributions(self, x: Tensor) -> Tensor:
-        """All ``k`` temporal taps of frames ``x`` ``(N, C_in, *S)``: ``(N, C_out, k, *S_out)``."""
+        """Tap contributions of frames ``x`` ``(N, C_in, *S)``: ``(N, g, k, C_out / g, *S_out)``."""
         w_all, b_all = self._cache.get(self.weight, self.bias)
-        n = x.shape[0]
+        n, g = x.shape[0], self.groups
         if self._ndim == 1:
-            if self.groups == 1:
-                z = F.linear(x, w_all.view(w_all.shape[0], -1), b_all)
+            if g == 1:
+                z = F.linear(x, w_all, b_all)
             else:
-                z = F.conv1d(x.unsqueeze(-1), w_all.unsqueeze(-1), b_all, groups=self.groups)
-            return z.view(n, self.out_channels, self.kernel_size[0])
+                z = F.conv1d(x.unsqueeze(-1), w_all.unsqueeze(-1), b_all, groups=g)
+            return z.view(n, g, self.kernel_size[0], -1)
         conv = _FRAME_CONV[self._ndim - 1]
         sp = self._spad
         if self.padding_mode == "replicate" and any(sp):
@@ -109,24 +115,30 @@ class _CoConvNd(CoModule):
         else:
             x = F.pad(x, sp)
             padding = 0
-        z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], self.groups)
-        return z.view(n, self.out_channels, self.kernel_size[0], *z.shape[2:])
+        z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
+        return z.view(n, g, self.kernel_size[0], -1, *z.shape[2:])
 
     def _update(self, z: Tensor, psum: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Add tap contributions ``z`` into the partial sums: (due output, new partial sums)."""
         k, d = self.kernel_size[0], self.dilation[0]
         if psum is None:
-            return z[:, :, 0], None
+            return self._frame_out(z.select(2, 0)), None
         if d == 1:
-            z[:, :, 1:] += psum
-            return z[:, :, k - 1], z[:, :, : k - 1]
-        full = torch.cat((z[:, :, :1], psum), dim=2)
+            z.narrow(2, 1, k - 1).add_(psum)
+            return self._frame_out(z.select(2, k - 1)), z.narrow(2, 0, k - 1)
+        full = torch.cat((z.narrow(2, 0, 1), psum), dim=2)
         full[:, :, d::d] += z[:, :, 1:]
-        return full[:, :, self._span], full[:, :, : self._span]
+        return self._frame_out(full.select(2, self._span)), full.narrow(2, 0, self._span)
+
+    def _frame_out(self, y: Tensor) -> Tensor:
+        """``(B, g, C_out / g, *S)`` -> ``(B, C_out, *S)``."""
+        return y.reshape(y.shape[0], self.out_channels, *y.shape[3:])
 
     def _replicate_start(self, z: Tensor) -> Tensor | None:
         """Partial sums after the start padding, replicated from the frame with taps ``z``."""
-        psum = torch.zeros_like(z[:, :, :1]).expand(-1, -1, self._span, *z.shape[3:]).clone()
+        shape = list(z.shape)
+        shape[2] = self._span
+        psum = z.new_zeros(shape)
         for _ in range(self._tpad[0]):
             _, psum = self._update(z.clone(), psum)
         return psum
@@ -134,7 +146,8 @@ class _CoConvNd(CoModule):
     # ------------------------------------------------------------------ state and steps
     def _init(self, batch: int, shape: tuple, device: torch.device, dtype: torch.dtype):
         spatial = self._out_spatial(tuple(shape[1:]))
-        state = {"psum": torch.zeros(batch, self.out_channels, self._span, *spatial,
+        g = self.groups
+        state = {"psum": torch.zeros(batch, g, self._span, self.out_channels // g, *spatial,
                                      device=device, dtype=dtype) if self._span else None}
         if self.padding_mode == "replicate":
             state["last"] = torch.zeros(batch, *shape, device=device, dtype=dtype)
@@ -157,10 +170,12 @@ class _CoConvNd(CoModule):
                 psum = torch.where(start, self._replicate_start(z), psum)
         y, new = self._update(z, psum)
         state = {"psum": new, "last": x} if replicate else {"psum": new}
-        t = self.stride[0]
-        if not emits(phase, self._span - self._tpad[0], t):
+        delay, t = self._span - self._tpad[0], self.stride[0]
+        if t != 1 and (phase - delay) % t:
             return None, state, None, 0
-        out_age, out_phase = advance(age, phase, self._span - self._tpad[0], t)
+        if age is None:
+            return y, state, None, (phase - delay) // t
+        out_age, out_phase = advance(age, phase, delay, t)
         if isinstance(out_age, int) and out_age < 0:
             return None, state, None, 0
         return y, state, out_age, out_phase
@@ -172,14 +187,15 @@ class _CoConvNd(CoModule):
         if t == 0:
             return None, state, None, 0
         frames = x.transpose(1, 2).reshape(b * t, c, *x.shape[3:])
-        z = self._contributions(frames)
-        z = z.view(b, t, *z.shape[1:]).transpose(1, 3)  # (B, k, C_out, T, *S) -> taps on dim 1
-        z = z.transpose(1, 2)  # (B, C_out, k, T, *S)
+        z = self._contributions(frames)  # (B*T, g, k, cg, *S)
+        g, k, cg = z.shape[1:4]
+        sp = z.shape[4:]
+        z = z.view(b, t, g, k, cg, *sp).permute(0, 2, 3, 1, 4, *range(5, 5 + len(sp)))
         psum = state["psum"]
         if self.padding_mode == "replicate" and self._tpad[0] and age == 0:
-            psum = self._replicate_start(z[:, :, :, 0].contiguous())
-        k, d, span = self.kernel_size[0], self.dilation[0], self._span
-        buf = z.new_zeros(b, self.out_channels, t + span, *z.shape[4:])
+            psum = self._replicate_start(z.select(3, 0).contiguous())
+        d, span = self.dilation[0], self._span
+        buf = z.new_zeros(b, g, t + span, cg, *sp)
         if span:
             buf[:, :, :span] = psum.flip(2)
         for i in range(k):
@@ -194,7 +210,8 @@ class _CoConvNd(CoModule):
         if n == 0:
             return None, state, None, 0
         out_age, out_phase = advance(None if age is None else age + first, phase + first, delay, st)
-        y = buf[:, :, first: first + (n - 1) * st + 1: st]
+        y = buf[:, :, first: first + (n - 1) * st + 1: st].transpose(2, 3)
+        y = y.reshape(b, self.out_channels, n, *sp)
         if isinstance(out_age, int) and out_age < 0:
             y = y[:, :, -out_age:]
             if y.shape[2] == 0:
@@ -215,22 +232,20 @@ class _CoConvNd(CoModule):
     def _flush_zeros(self, state: dict, age: Age, phase: int, pad: int):
         """End padding with zero frames: their tap contributions are only the bias."""
         psum = state["psum"]
-        b = psum.shape[0]
         _, b_all = self._cache.get(self.weight, self.bias)
-        k = self.kernel_size[0]
-        bias = (b_all.view(self.out_channels, k) if b_all is not None
-                else psum.new_zeros(self.out_channels, k))
-        z = bias.view(1, self.out_channels, k, *(1,) * (psum.dim() - 3))
-        z = z.expand(b, -1, -1, *psum.shape[3:])
+        shape = list(psum.shape)
+        shape[2] = self.kernel_size[0]
+        bias = psum.new_zeros(shape)
+        if b_all is not None:
+            bias += b_all.view(1, *shape[1:4], *(1,) * (psum.dim() - 4))
         frames = []
         out_age0: Age = None
         out_phase0 = 0
+        delay, st = self._span - self._tpad[0], self.stride[0]
         for i in range(pad):
-            a = None if age is None else age + i
-            y, psum = self._update(z.clone(), psum)
-            delay, st = self._span - self._tpad[0], self.stride[0]
+            y, psum = self._update(bias.clone(), psum)
             if emits(phase + i, delay, st):
-                oa, op = advance(a, phase + i, delay, st)
+                oa, op = advance(None if age is None else age + i, phase + i, delay, st)
                 if isinstance(oa, int) and oa < 0:
                     continue
                 if not frames:
