@@ -64,8 +64,8 @@ def shift(age: Age, phase: int, n: int) -> tuple[Age, int]:
 class _Stream:
     """Bookkeeping of the stateful wrappers (never part of the pure step)."""
 
-    __slots__ = ("age", "delay", "device", "dtype", "min_age", "pending", "phase", "shape", "tree",
-                 "uniform")
+    __slots__ = ("age", "delay", "device", "dtype", "frame_shape", "max_age", "min_age",
+                 "pending", "phase", "shape", "tree", "uniform")
 
     def __init__(self, tree: State, age: Tensor, phase: int, shape: tuple, delay: int) -> None:
         self.tree = tree
@@ -73,10 +73,12 @@ class _Stream:
         self.pending = 0
         self.phase = phase
         self.shape = shape
+        self.frame_shape = None if shape is None else tuple(shape[1:])
         self.dtype = age.dtype
         self.device = age.device
         self.delay = delay
         self.min_age = int(age.min()) if age.numel() else 0
+        self.max_age = int(age.max()) if age.numel() else 0
         self.uniform = bool((age == age[0]).all()) if age.numel() else True
 
     def ages(self) -> Tensor:
@@ -86,7 +88,7 @@ class _Stream:
         return self.age
 
     def mode_age(self) -> Age:
-        if self.min_age >= self.delay:
+        if self.min_age > self.delay:  # every module has seen each stream's first frame
             return None
         if self.uniform:
             return self.min_age
@@ -258,8 +260,11 @@ class CoModule(nn.Module):
         ):
             self._bad_frame(x, s)
         y, s.tree, _, _ = self._step(x, s.tree, s.mode_age(), s.phase)
+        if s.max_age < s.delay:  # no stream has reached its first output yet
+            y = None
         s.pending += 1
         s.min_age += 1
+        s.max_age += 1
         s.phase = (s.phase + 1) % self._root_stride
         return y
 
@@ -276,28 +281,34 @@ class CoModule(nn.Module):
             >>> torch.allclose(conv.forward_steps(x, pad_end=True), conv(x))
             True
         """
-        if not isinstance(x, Tensor) or x.dim() < 3:
+        clips = x if isinstance(x, tuple) else (x,)
+        if not all(isinstance(c, Tensor) and c.dim() >= 3 for c in clips):
             raise ValueError(f"forward_steps expects a clip (B, C, T, ...), got {_describe(x)}")
-        frame = x[:, :, 0] if x.shape[2] else x.select(2, 0)
+        frame = tuple(c.select(2, 0) if c.shape[2] else c.sum(2) for c in clips)
+        frame = frame if isinstance(x, tuple) else frame[0]
         s = self._stream
         if s is None:
             s = self._start(frame)
-        elif frame.shape != s.shape or x.dtype != s.dtype or x.device != s.device:
+        elif isinstance(frame, Tensor) and (
+            frame.shape != s.shape or x.dtype != s.dtype or x.device != s.device
+        ):
             self._bad_frame(frame, s)
-        outs: list[Tensor] = []
-        t = x.shape[2]
+        outs: list[Any] = []
+        t = clips[0].shape[2]
         age = s.mode_age()
         if age is not None and not isinstance(age, int):
             for i in range(t):
-                y = self.forward_step(x[:, :, i])
+                y = self.forward_step(tuple(c[:, :, i] for c in clips) if isinstance(x, tuple)
+                                      else x[:, :, i])
                 if y is not None:
-                    outs.append(y.unsqueeze(2))
+                    outs.append(_unsqueeze(y))
         else:
             y, s.tree, _, _ = self._steps(x, s.tree, age, s.phase)
             if y is not None:
                 outs.append(y)
             s.pending += t
             s.min_age += t
+            s.max_age += t
             s.phase = (s.phase + t) % self._root_stride
         if pad_end:
             y, _, _, _ = self._flush(s.tree, s.mode_age(), s.phase)
@@ -306,7 +317,11 @@ class CoModule(nn.Module):
             self._stream = None
         if not outs:
             return None
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if len(outs) == 1:
+            return outs[0]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.cat([o[i] for o in outs], 2) for i in range(len(outs[0])))
+        return torch.cat(outs, dim=2)
 
     def reset_state(self, mask: Tensor | None = None) -> None:
         """Restart every stream (``mask=None``) or the streams where ``mask`` (``(batch,)``) is true.
@@ -318,8 +333,9 @@ class CoModule(nn.Module):
             self._stream = None
             return
         mask = torch.as_tensor(mask, device=s.device)
-        if mask.shape != (s.shape[0],) or mask.dtype != torch.bool:
-            raise ValueError(f"reset mask must be a bool tensor of shape ({s.shape[0]},), "
+        batch = s.age.shape[0]
+        if mask.shape != (batch,) or mask.dtype != torch.bool:
+            raise ValueError(f"reset mask must be a bool tensor of shape ({batch},), "
                              f"got {mask.dtype} {tuple(mask.shape)}")
         if bool(mask.all()):
             self._stream = None
@@ -329,7 +345,7 @@ class CoModule(nn.Module):
                 f"this module has temporal stride {self._root_stride}: streams sharing a batch can "
                 f"only be reset at phase 0 (every {self._root_stride} steps); current phase {s.phase}"
             )
-        fresh, _ = self._init(s.shape[0], _frame_shape(s.shape), s.device, s.dtype)
+        fresh, _ = self._init(s.age.shape[0], s.frame_shape, s.device, s.dtype)
         s.tree = tree_where(mask, fresh, s.tree)
         s.age = torch.where(mask, torch.zeros_like(s.ages()), s.ages())
         if bool(mask.any()):
@@ -343,7 +359,7 @@ class CoModule(nn.Module):
             return None
         copy = tree_map(lambda t: t.detach().clone(), s.tree)
         return {"tree": copy, "age": s.ages().clone(), "phase": s.phase,
-                "frame_shape": _frame_shape(s.shape)}
+                "frame_shape": s.frame_shape}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume streams from :meth:`get_state` (or :meth:`init_state`) output.
@@ -369,6 +385,7 @@ class CoModule(nn.Module):
         shape = _batched(age.shape[0], frame_shape) if frame_shape is not None else None
         s = _Stream(tree_map(lambda t: t.clone(), state["tree"]), age.clone(), phase,
                     shape, self._total_delay())
+        s.frame_shape = frame_shape
         s.dtype = dtype
         self._stream = s
         self._root_stride = self.temporal.stride
@@ -400,6 +417,16 @@ class CoModule(nn.Module):
         return dev, dt
 
     def _start(self, x: Any) -> _Stream:
+        if isinstance(x, tuple) and x and all(isinstance(v, Tensor) for v in x):
+            ref = x[0]
+            state = self.init_state(ref.shape[0], tuple(tuple(v.shape[1:]) for v in x),
+                                    device=ref.device, dtype=ref.dtype)
+            s = _Stream(state["tree"], state["age"], 0, None, self._total_delay())
+            s.dtype, s.shape = ref.dtype, (ref.shape[0],)
+            s.frame_shape = state["frame_shape"]
+            self._root_stride = self.temporal.stride
+            self._stream = s
+            return s
         if not isinstance(x, Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor frame, got {_describe(x)}")
         ndim, channels = self._input_spec()
@@ -431,6 +458,7 @@ class CoModule(nn.Module):
     def _bad_frame(self, x: Tensor, s: _Stream) -> None:
         if s.shape is None:  # restored state without a recorded frame shape: adopt this one
             s.shape = tuple(x.shape)
+            s.frame_shape = tuple(x.shape[1:])
             if x.dtype == s.dtype and x.device == s.device:
                 return
         if x.dtype != s.dtype:
@@ -460,6 +488,10 @@ def _frame_shape(batched: tuple) -> tuple:
 
 def _batched(batch: int, frame_shape: Any) -> tuple:
     return (batch, *frame_shape)
+
+
+def _unsqueeze(y: Any) -> Any:
+    return tuple(v.unsqueeze(2) for v in y) if isinstance(y, tuple) else y.unsqueeze(2)
 
 
 def stack_frames(frames: list[Tensor]) -> Tensor:
