@@ -205,8 +205,8 @@ class CoModule(nn.Module):
             >>> import torch, costream as cs
             >>> conv = cs.Conv3d(3, 8, kernel_size=3, padding=1)
             >>> state = conv.init_state(2, (3, 16, 16))
-            >>> tuple(state["tree"]["psum"].shape)  # (batch, C_out, k - 1, H, W) partial sums
-            (2, 8, 2, 16, 16)
+            >>> state["tree"]["psum"].shape[2]  # k - 1 partial sums per output channel and pixel
+            2
         """
         dev, dt = self._default_device_dtype(device, dtype)
         if frame_shape is None:

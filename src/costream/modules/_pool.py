@@ -183,7 +183,8 @@ def _pool_doc(kind: str, n: int) -> str:
 
     Example:
         >>> import torch, costream as cs
-        >>> pool = cs.{kind}Pool{n}d({'3' if n == 1 else '(3, 2)'}, stride=1).double()
+        >>> pool = cs.{kind}Pool{n}d({'3' if n == 1 else '(3' + ', 2' * (n - 1) + ')'}, stride=1)
+        >>> pool = pool.double()
         >>> x = torch.randn(1, 4, 9{', 6' * (n - 1)}, dtype=torch.double)
         >>> torch.allclose(pool.forward_steps(x, pad_end=True), pool(x))
         True
@@ -277,7 +278,8 @@ def _adaptive_doc(kind: str, n: int) -> str:
 
     Example:
         >>> import torch, costream as cs
-        >>> pool = cs.Adaptive{kind}Pool{n}d({'1' if n == 1 else '(1' + ', 1' * (n - 1) + ')'}, window=4)
+        >>> size = {'1' if n == 1 else '(1' + ', 1' * (n - 1) + ')'}
+        >>> pool = cs.Adaptive{kind}Pool{n}d(size, window=4)
         >>> pool.forward_steps(torch.randn(2, 8, 6{', 5' * (n - 1)})).shape[2]
         3
     """

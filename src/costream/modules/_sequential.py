@@ -49,8 +49,8 @@ class Sequential(CoModule, nn.Sequential):
     Example:
         >>> import torch, costream as cs
         >>> net = cs.Sequential(cs.Conv1d(2, 8, 3, padding=1), torch.nn.ReLU(), cs.Conv1d(8, 4, 3))
-        >>> net.receptive_field, net.delay
-        (5, 4)
+        >>> net.receptive_field, net.delay  # the first conv is padded: its output is due earlier
+        (5, 3)
         >>> x = torch.randn(1, 2, 16)
         >>> torch.allclose(net.forward_steps(x, pad_end=True), net(x), atol=1e-6)
         True
