@@ -122,14 +122,19 @@ def _adaptive(cls: type) -> Handler:
     return handler
 
 
+def _from_torch(cls: type) -> Handler:
+    def handler(module: nn.Module, convert: Callable, **_: Any) -> nn.Module:
+        return cls.from_torch(module)
+
+    return handler
+
+
 register_handler(nn.Sequential, _sequential)
 for _n in (1, 2, 3):
-    register_handler(getattr(nn, f"Conv{_n}d"),
-                     lambda m, convert, _c=getattr(_conv, f"Conv{_n}d"), **_: _c.from_torch(m))
+    register_handler(getattr(nn, f"Conv{_n}d"), _from_torch(getattr(_conv, f"Conv{_n}d")))
     for _kind in ("Avg", "Max"):
         register_handler(getattr(nn, f"{_kind}Pool{_n}d"),
-                         lambda m, convert, _c=getattr(_pool, f"{_kind}Pool{_n}d"), **_:
-                         _c.from_torch(m))
+                         _from_torch(getattr(_pool, f"{_kind}Pool{_n}d")))
         register_handler(getattr(nn, f"Adaptive{_kind}Pool{_n}d"),
                          _adaptive(getattr(_pool, f"Adaptive{_kind}Pool{_n}d")))
-register_handler(nn.Linear, lambda m, convert, **_: _frame.Linear.from_torch(m))
+register_handler(nn.Linear, _from_torch(_frame.Linear))

@@ -212,7 +212,8 @@ class CoModule(nn.Module):
         if frame_shape is None:
             ndim, channels = self._input_spec()
             if ndim != 2 or channels is None:
-                raise ValueError(f"{type(self).__name__}.init_state needs frame_shape=(C, *spatial)")
+                raise ValueError(
+                    f"{type(self).__name__}.init_state needs frame_shape=(C, *spatial)")
             frame_shape = (channels,)
         for m in self.modules():
             if isinstance(m, CoModule):
@@ -324,7 +325,7 @@ class CoModule(nn.Module):
         return torch.cat(outs, dim=2)
 
     def reset_state(self, mask: Tensor | None = None) -> None:
-        """Restart every stream (``mask=None``) or the streams where ``mask`` (``(batch,)``) is true.
+        """Restart every stream (``mask=None``) or those where ``mask`` (``(batch,)``) is true.
 
         A restarted stream behaves as if it had just been created; the other streams continue.
         """
@@ -342,8 +343,9 @@ class CoModule(nn.Module):
             return
         if s.phase != 0:
             raise ValueError(
-                f"this module has temporal stride {self._root_stride}: streams sharing a batch can "
-                f"only be reset at phase 0 (every {self._root_stride} steps); current phase {s.phase}"
+                f"this module has temporal stride {self._root_stride}: streams sharing a batch "
+                f"can only be reset at phase 0 (every {self._root_stride} steps); current phase "
+                f"{s.phase}"
             )
         fresh, _ = self._init(s.age.shape[0], s.frame_shape, s.device, s.dtype)
         s.tree = tree_where(mask, fresh, s.tree)

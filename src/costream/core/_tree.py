@@ -27,7 +27,8 @@ def tree_map(fn: Callable[..., Any], tree: State, *rest: State) -> State:
     if isinstance(tree, (tuple, list)):
         out = [tree_map(fn, v, *(r[i] for r in rest)) for i, v in enumerate(tree)]
         return type(tree)(out)
-    raise TypeError(f"state pytrees hold tensors, tuples, lists and dicts, not {type(tree).__name__}")
+    raise TypeError(
+        f"state pytrees hold tensors, tuples, lists and dicts, not {type(tree).__name__}")
 
 
 def tree_leaves(tree: State, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
@@ -61,7 +62,8 @@ def tree_check(expected: State, given: State, what: str = "state") -> None:
     missing = sorted(set(exp) - set(got))
     extra = sorted(set(got) - set(exp))
     if missing or extra:
-        raise ValueError(f"{what} does not match this module: missing {missing}, unexpected {extra}")
+        raise ValueError(
+            f"{what} does not match this module: missing {missing}, unexpected {extra}")
     for k, e in exp.items():
         g = got[k]
         if g.shape != e.shape or g.dtype != e.dtype:

@@ -27,8 +27,7 @@ class DerivedCache:
             return self.fn()
         if torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources):
             return self.fn()
-        key = tuple((s.data_ptr(), s._version, s.dtype, s.device) if s is not None else None
-                    for s in sources)
+        key = tuple((s.data_ptr(), s._version) if s is not None else None for s in sources)
         if key != self.key:
             self.value = self.fn()
             self.key = key

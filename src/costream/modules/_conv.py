@@ -59,6 +59,7 @@ class _CoConvNd(CoModule):
                 f"{(k - 1) * d}: outputs would depend on padding only"
             )
         self._span = (k - 1) * d
+        self._k, self._d = k, d
         self._cache = DerivedCache(self._frame_kernel)
 
     # ------------------------------------------------------------------ geometry
@@ -97,7 +98,8 @@ class _CoConvNd(CoModule):
 
     def _contributions(self, x: Tensor) -> Tensor:
         """Tap contributions of frames ``x`` ``(N, C_in, *S)``: ``(N, g, k, C_out / g, *S_out)``."""
-        w_all, b_all = self._cache.get(self.weight, self.bias)
+        params = self._parameters  # direct lookup: nn.Module.__getattr__ is slow per step
+        w_all, b_all = self._cache.get(params["weight"], params["bias"])
         n, g = x.shape[0], self.groups
         if self._ndim == 1:
             if g == 1:
@@ -123,7 +125,7 @@ class _CoConvNd(CoModule):
 
     def _update(self, z: Tensor, psum: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Add tap contributions ``z`` into the partial sums: (due output, new partial sums)."""
-        k, d = self.kernel_size[0], self.dilation[0]
+        k, d = self._k, self._d
         if psum is None:
             return self._frame_out(z.select(2, 0)), None
         if d == 1:

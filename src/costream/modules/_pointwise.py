@@ -68,8 +68,8 @@ class _BatchNormStep:
             raise RuntimeError("stepping needs BatchNorm with running statistics")
         if bn.training:
             raise RuntimeError(
-                f"{type(bn).__name__} in training mode normalises over the batch and time of a clip; "
-                f"call .eval() before stepping"
+                f"{type(bn).__name__} in training mode normalises over the batch and time of a "
+                f"clip; call .eval() before stepping"
             )
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
                             bn.eps)
