@@ -1,0 +1,34 @@
+"""The README's quick start and the demo job run and hold what they claim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from costream.demo import run_demo
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_blocks_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], str(README), "exec"), namespace)  # the quick start asserts itself
+    assert namespace["net"].receptive_field == 9
+    assert namespace["net"].delay == 5
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    text = README.read_text()
+    first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).strip().splitlines()
+    assert len(first_block) == 2
+    assert first_block[0].startswith("pip install torch==2.13.0")
+    assert "costream demo" in first_block[0]
+    assert "pytest" in first_block[1]
+
+
+def test_demo_is_exact(capsys):
+    result = run_demo(frames=32)
+    assert result["max_abs_diff"] < 1e-5
+    assert "max |step - offline|" in capsys.readouterr().out
