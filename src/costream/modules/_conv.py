@@ -60,6 +60,7 @@ class _CoConvNd(CoModule):
             )
         self._span = (k - 1) * d
         self._k, self._d = k, d
+        self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
 
     # ------------------------------------------------------------------ geometry
@@ -87,8 +88,6 @@ class _CoConvNd(CoModule):
         cg = w.shape[0] // g
         w_all = w.view(g, cg, w.shape[1], k, *w.shape[3:]).transpose(2, 3).transpose(1, 2)
         w_all = w_all.reshape(g * k * cg, w.shape[1], *w.shape[3:])
-        if self._ndim == 1 and g == 1:
-            w_all = w_all.view(w_all.shape[0], w_all.shape[1])
         b_all = None
         if self.bias is not None:
             b_all = torch.zeros(g, k, cg, dtype=w.dtype, device=w.device)
@@ -96,17 +95,42 @@ class _CoConvNd(CoModule):
             b_all = b_all.view(-1)
         return w_all, b_all
 
-    def _contributions(self, x: Tensor) -> Tensor:
-        """Tap contributions of frames ``x`` ``(N, C_in, *S)``: ``(N, g, k, C_out / g, *S_out)``."""
+    def _tap_kernel(self, taps: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
+        """The frame kernel restricted to ``taps`` (for strided convolutions)."""
+        w_all, b_all = self._frame_kernel()
+        g, k = self.groups, self.kernel_size[0]
+        w = w_all.reshape(g, k, -1, *w_all.shape[1:])[:, list(taps)]
+        w = w.reshape(-1, *w_all.shape[1:])
+        b = None if b_all is None else b_all.view(g, k, -1)[:, list(taps)].reshape(-1)
+        return w, b
+
+    def _phase_taps(self, phase: int) -> tuple[tuple[int, ...], DerivedCache, Tensor | None]:
+        """Taps of an input at ``phase`` that reach an output this strided conv will emit."""
+        key = phase % self.stride[0]
+        hit = self._taps.get(key)
+        if hit is None:
+            k, d, s = self._k, self._d, self.stride[0]
+            delay = self._span - self._tpad[0]
+            taps = tuple(i for i in range(k) if (phase + (k - 1 - i) * d - delay) % s == 0)
+            hit = (taps, DerivedCache(lambda: self._tap_kernel(taps)), None)
+            self._taps[key] = hit
+        return hit
+
+    def _contributions(self, x: Tensor, kernel: DerivedCache | None = None) -> Tensor:
+        """Tap contributions of frames ``x`` ``(N, C_in, *S)``: ``(N, g, k, C_out / g, *S_out)``.
+
+        With ``kernel`` (from :meth:`_phase_taps`) only the taps it holds are computed.
+        """
         params = self._parameters  # direct lookup: nn.Module.__getattr__ is slow per step
-        w_all, b_all = self._cache.get(params["weight"], params["bias"])
+        w_all, b_all = (kernel or self._cache).get(params["weight"], params["bias"])
         n, g = x.shape[0], self.groups
+        taps = w_all.shape[0] // self.out_channels
         if self._ndim == 1:
             if g == 1:
-                z = F.linear(x, w_all, b_all)
+                z = F.linear(x, w_all.view(w_all.shape[0], -1), b_all)
             else:
                 z = F.conv1d(x.unsqueeze(-1), w_all.unsqueeze(-1), b_all, groups=g)
-            return z.view(n, g, self.kernel_size[0], -1)
+            return z.view(n, g, taps, -1)
         conv = _FRAME_CONV[self._ndim - 1]
         sp = self._spad
         if self.padding_mode == "replicate" and any(sp):
@@ -121,7 +145,7 @@ class _CoConvNd(CoModule):
             # oneDNN's channels-last kernels are several times faster for per-frame 2D convs
             x = x.contiguous(memory_format=torch.channels_last)
         z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
-        return z.view(n, g, self.kernel_size[0], -1, *z.shape[2:])
+        return z.view(n, g, taps, -1, *z.shape[2:])
 
     def _update(self, z: Tensor, psum: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Add tap contributions ``z`` into the partial sums: (due output, new partial sums)."""
@@ -142,6 +166,21 @@ class _CoConvNd(CoModule):
             # the due tap is strided inside the channels-last contributions: make it dense
             y = y.contiguous(memory_format=torch.channels_last)
         return y
+
+    def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int):
+        """Like :meth:`_update`, computing only the taps that reach an emitted output."""
+        taps, kernel, _ = self._phase_taps(phase)
+        z = self._contributions(x, kernel) if taps else None
+        if psum is None:
+            return (None if z is None else self._frame_out(z.select(2, 0))), None
+        shape = list(psum.shape)
+        shape[2] = 1
+        full = torch.cat((psum.new_zeros(shape), psum), dim=2)
+        if z is not None:
+            d = self._d
+            for j, i in enumerate(taps):
+                full.select(2, i * d).add_(z.select(2, j))
+        return self._frame_out(full.select(2, self._span)), full.narrow(2, 0, self._span)
 
     def _replicate_start(self, z: Tensor) -> Tensor | None:
         """Partial sums after the start padding, replicated from the frame with taps ``z``."""
@@ -168,16 +207,20 @@ class _CoConvNd(CoModule):
             # filler frames before a stream's first frame must leave the start padding intact:
             # a zero frame only adds the bias to the (discarded) output due now
             x = torch.where((age >= 0).view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
-        z = self._contributions(x)
         psum = state["psum"]
-        if age is not None and replicate and self._tpad[0]:
-            if isinstance(age, int):
-                if age == 0:
-                    psum = self._replicate_start(z)
-            else:
-                start = (age == 0).view(-1, *(1,) * (psum.dim() - 1))
-                psum = torch.where(start, self._replicate_start(z), psum)
-        y, new = self._update(z, psum)
+        if self.stride[0] > 1 and not isinstance(age, Tensor) and not (
+                replicate and self._tpad[0] and age == 0):
+            y, new = self._strided_update(x, psum, phase)
+        else:
+            z = self._contributions(x)
+            if age is not None and replicate and self._tpad[0]:
+                if isinstance(age, int):
+                    if age == 0:
+                        psum = self._replicate_start(z)
+                else:
+                    start = (age == 0).view(-1, *(1,) * (psum.dim() - 1))
+                    psum = torch.where(start, self._replicate_start(z), psum)
+            y, new = self._update(z, psum)
         state = {"psum": new, "last": x} if replicate else {"psum": new}
         delay, t = self._span - self._tpad[0], self.stride[0]
         if t != 1 and (phase - delay) % t:
