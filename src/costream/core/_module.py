@@ -233,6 +233,33 @@ class CoModule(nn.Module):
         y, tree, _, _ = self._step(x, tree, age, phase)
         return y, {"tree": tree, "age": age + 1, "phase": (phase + 1) % self.temporal.stride}
 
+    def step_stride(self, x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Pure step over ``stride`` frames ``(B, C, stride, ...)``: exactly one output frame.
+
+        The state must be at phase 0 (as :meth:`init_state` makes it). Because every call
+        emits one output, the function has no conditional outputs: this is the unit that
+        :mod:`costream.export` exports and :mod:`costream.runtime` compiles.
+
+        Example:
+            >>> import torch, costream as cs
+            >>> net = cs.Conv1d(2, 3, 3, padding=1, stride=2)
+            >>> state = net.init_state(1)
+            >>> y, state = net.step_stride(torch.randn(1, 2, 2), state)
+            >>> y.shape, state["phase"]
+            (torch.Size([1, 3]), 0)
+        """
+        if state["phase"] != 0:
+            raise ValueError("step_stride needs a state at phase 0")
+        tree, age = state["tree"], state["age"]
+        out = None
+        clips = x if isinstance(x, tuple) else (x,)
+        for i in range(self.temporal.stride):
+            frame = tuple(c[:, :, i] for c in clips) if isinstance(x, tuple) else x[:, :, i]
+            y, tree, _, _ = self._step(frame, tree, age + i, i)
+            if y is not None:
+                out = y
+        return out, {**state, "tree": tree, "age": age + self.temporal.stride}
+
     def ready(self, state: dict[str, Any] | None = None) -> Tensor:
         """Per stream: whether the output of the last step was due (not warm-up filler)."""
         if state is None:

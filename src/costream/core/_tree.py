@@ -75,3 +75,24 @@ def tree_check(expected: State, given: State, what: str = "state") -> None:
 
 def _is_tree(x: Any) -> bool:
     return x is None or isinstance(x, (Tensor, tuple, list, dict))
+
+
+def tree_unflatten(template: State, leaves: list[Tensor]) -> State:
+    """Rebuild a pytree shaped like ``template`` from its tensor leaves in
+    :func:`tree_leaves` order."""
+    it = iter(leaves)
+    out = tree_map(lambda _: next(it), template)
+    if next(it, None) is not None:
+        raise ValueError("more leaves than the template holds")
+    return out
+
+
+def tree_index(tree: State, index: Tensor) -> State:
+    """The streams ``index`` (a 1-D index tensor) of every leaf."""
+    return tree_map(lambda t: t.index_select(0, index), tree)
+
+
+def tree_index_copy(tree: State, index: Tensor, src: State) -> State:
+    """Write ``src``'s streams into rows ``index`` of ``tree`` (in place); returns ``tree``."""
+    tree_map(lambda t, s: t.index_copy_(0, index, s), tree, src)
+    return tree

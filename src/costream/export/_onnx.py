@@ -1,0 +1,113 @@
+"""ONNX export of the pure stride step, with a JSON manifest of the stream state.
+
+The exported graph takes ``(x, age, *state)`` and returns ``(y, age, *state)``: ``x`` holds
+``stride`` frames ``(B, C, stride, *spatial)``, ``y`` the one output they make due, ``age``
+the per-stream frame count. Every call emits one output, so the graph has no conditional
+outputs; outputs of streams younger than ``delay`` frames are warm-up filler. The manifest
+(``<model>.json``) lists the state tensors with their shapes, dtypes and initial values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..core._module import CoModule
+from ..core._tree import tree_leaves, tree_unflatten
+
+FORMAT = "costream-onnx/1"
+
+
+class _StrideStep(nn.Module):
+    """``step_stride`` with a flat state, for the exporter."""
+
+    def __init__(self, module: CoModule, template: Any) -> None:
+        super().__init__()
+        self.module = module
+        self.template = template
+
+    def forward(self, x: Tensor, age: Tensor, *leaves: Tensor) -> tuple[Tensor, ...]:
+        tree = tree_unflatten(self.template, list(leaves))
+        y, state = self.module.step_stride(x, {"tree": tree, "age": age, "phase": 0})
+        return (y, state["age"], *[t for _, t in tree_leaves(state["tree"])])
+
+
+def _fill_value(t: Tensor) -> float | None:
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return 0.0
+    v = flat[0]
+    return float(v) if bool((flat == v).all()) else None
+
+
+def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[int, ...], *,
+                batch_size: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Export ``module``'s stride step to ONNX at ``path`` and write ``path`` + ``.json``.
+
+    Uses the exporter of the installed torch (``torch.onnx.export(..., dynamo=True)``). The
+    module is exported in eval mode and left in the mode it was in.
+
+    Returns:
+        The manifest (also written next to the model).
+    """
+    if not isinstance(module, CoModule):
+        raise TypeError("export_onnx needs a continual module (use costream.continual first)")
+    path = Path(path)
+    was_training = module.training
+    module.eval()
+    try:
+        state = module.init_state(batch_size, tuple(frame_shape), dtype=dtype)
+        named = list(tree_leaves(state["tree"]))
+        names = [f"state.{n}" for n, _ in named]
+        leaves = [t for _, t in named]
+        stride = module.temporal.stride
+        x = torch.zeros(batch_size, *frame_shape[:1], stride, *frame_shape[1:], dtype=dtype,
+                        device=state["age"].device)
+        wrapper = _StrideStep(module, state["tree"])
+        with torch.no_grad():
+            example = wrapper(x, state["age"], *leaves)
+            torch.onnx.export(
+                wrapper, (x, state["age"], *leaves), str(path),
+                input_names=["x", "age", *names],
+                output_names=["y", "age_out", *[f"{n}.out" for n in names]],
+                dynamo=True, verbose=False,
+            )
+    finally:
+        module.train(was_training)
+    t = module.temporal
+    manifest = {
+        "format": FORMAT,
+        "model": os.path.basename(path),
+        "batch_size": batch_size,
+        "frame_shape": list(frame_shape),
+        "dtype": str(dtype).replace("torch.", ""),
+        "receptive_field": t.receptive_field,
+        "delay": t.delay,
+        "stride": stride,
+        "frames_per_call": stride,
+        "output_shape": list(example[0].shape),
+        "inputs": ["x", "age", *names],
+        "outputs": ["y", "age_out", *[f"{n}.out" for n in names]],
+        "state": [],
+    }
+    init_file = None
+    for name, leaf in zip(names, leaves, strict=True):
+        fill = _fill_value(leaf)
+        entry: dict[str, Any] = {"name": name, "shape": list(leaf.shape),
+                                 "dtype": str(leaf.dtype).replace("torch.", "")}
+        if fill is not None:
+            entry["fill"] = "-inf" if fill == -math.inf else ("inf" if fill == math.inf else fill)
+        else:
+            init_file = init_file or path.with_suffix(".init.pt")
+            entry["init_file"] = init_file.name
+        manifest["state"].append(entry)
+    if init_file is not None:
+        torch.save({n: t for n, t in zip(names, leaves, strict=True)}, init_file)
+    path.with_suffix(path.suffix + ".json").write_text(json.dumps(manifest, indent=2))
+    return manifest

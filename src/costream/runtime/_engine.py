@@ -1,0 +1,159 @@
+"""A multi-stream engine: many independent streams stepped together in one batch.
+
+A fixed pool of state slots lives on one device. Streams open, close and reset at any time;
+one :meth:`StreamEngine.step` call steps every stream that has a new frame, batched. Streams
+at different positions share a batch; with a temporally strided network they are grouped by
+phase (frame count modulo the stride), one batched call per group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core._module import CoModule
+from ..core._tree import State, tree_index, tree_index_copy, tree_map
+
+
+class StreamEngine:
+    """Step up to ``capacity`` independent streams of one continual module, batched.
+
+    Args:
+        module: the continual module (its own stateful stream is not touched).
+        capacity: number of state slots.
+        frame_shape: shape of one input frame without the batch dimension, ``(C, *spatial)``.
+        device, dtype: where and in which precision the state lives (default: the module's).
+
+    Example:
+        >>> import torch, costream as cs
+        >>> from costream.runtime import StreamEngine
+        >>> net = cs.Conv1d(2, 3, 3)
+        >>> engine = StreamEngine(net, capacity=4, frame_shape=(2,))
+        >>> a, b = engine.open(), engine.open()
+        >>> for t in range(3):
+        ...     out = engine.step({a: torch.randn(2), b: torch.randn(2)})
+        >>> out[a].shape, engine.ready(b)
+        (torch.Size([3]), True)
+    """
+
+    def __init__(self, module: CoModule, capacity: int, frame_shape: tuple[int, ...], *,
+                 device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.module = module
+        self.capacity = int(capacity)
+        self.frame_shape = tuple(frame_shape)
+        state = module.init_state(self.capacity, self.frame_shape, device=device, dtype=dtype)
+        self.device = state["age"].device
+        ref = next((t for t in _float_leaves(state["tree"])), None)
+        self.dtype = ref.dtype if ref is not None else (dtype or torch.get_default_dtype())
+        self._tree: State = state["tree"]
+        self._fresh: State = module.init_state(1, self.frame_shape, device=self.device,
+                                               dtype=self.dtype)["tree"]
+        self._age = [0] * self.capacity
+        self._active = [False] * self.capacity
+        self._stride = module.temporal.stride
+        self._delay = module.temporal.delay
+
+    # ------------------------------------------------------------------ slots
+    def open(self) -> int:
+        """Start a new stream in a free slot; return its id."""
+        for sid, used in enumerate(self._active):
+            if not used:
+                self._restart(sid)
+                self._active[sid] = True
+                return sid
+        raise RuntimeError(f"all {self.capacity} stream slots are in use; close one first")
+
+    def close(self, sid: int) -> None:
+        """End stream ``sid`` and free its slot."""
+        self._check(sid)
+        self._active[sid] = False
+
+    def reset(self, sid: int) -> None:
+        """Restart stream ``sid`` from a fresh state (same slot)."""
+        self._check(sid)
+        self._restart(sid)
+
+    @property
+    def active(self) -> list[int]:
+        """Ids of the open streams."""
+        return [i for i, a in enumerate(self._active) if a]
+
+    def ready(self, sid: int) -> bool:
+        """Whether stream ``sid`` has produced its first output."""
+        self._check(sid)
+        return self._age[sid] > self._delay
+
+    def frames_seen(self, sid: int) -> int:
+        """Frames stream ``sid`` has received since it (re)started."""
+        self._check(sid)
+        return self._age[sid]
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, frames: Mapping[int, Tensor]) -> dict[int, Tensor | None]:
+        """Step the streams in ``frames`` (``{id: frame (C, *spatial)}``), batched.
+
+        Returns ``{id: output}``, the output being ``None`` while the stream warms up or between
+        the outputs of a strided network.
+        """
+        for sid, f in frames.items():
+            self._check(sid)
+            if tuple(f.shape) != self.frame_shape:
+                raise ValueError(f"stream {sid}: frame shape {tuple(f.shape)}, expected "
+                                 f"{self.frame_shape}")
+        groups: dict[int, list[int]] = {}
+        for sid in frames:
+            groups.setdefault(self._age[sid] % self._stride, []).append(sid)
+        out: dict[int, Tensor | None] = {}
+        for phase, ids in groups.items():
+            x = torch.stack([frames[i] for i in ids]).to(self.device, self.dtype)
+            ages = torch.tensor([self._age[i] for i in ids], device=self.device)
+            if ids == list(range(self.capacity)):
+                y, self._tree, _, _ = self.module._step(x, self._tree, ages, phase)
+            else:
+                idx = torch.tensor(ids, device=self.device)
+                y, sub, _, _ = self.module._step(x, tree_index(self._tree, idx), ages, phase)
+                tree_index_copy(self._tree, idx, sub)
+            for j, sid in enumerate(ids):
+                due = y is not None and self._age[sid] >= self._delay
+                out[sid] = y[j] if due else None
+                self._age[sid] += 1
+        return out
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's streams: state pytree, per-slot frame counts and open slots."""
+        return {"tree": tree_map(lambda t: t.detach().clone(), self._tree),
+                "age": list(self._age), "active": list(self._active)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (checked first; nothing applied on mismatch)."""
+        from ..core._tree import tree_check
+
+        tree_check(self._tree, state["tree"], "engine state")
+        if len(state["age"]) != self.capacity or len(state["active"]) != self.capacity:
+            raise ValueError(f"engine state is for {len(state['age'])} slots, this engine has "
+                             f"{self.capacity}")
+        self._tree = tree_map(lambda t: t.to(self.device).clone(), state["tree"])
+        self._age = [int(a) for a in state["age"]]
+        self._active = [bool(a) for a in state["active"]]
+
+    def _restart(self, sid: int) -> None:
+        idx = torch.tensor([sid], device=self.device)
+        tree_index_copy(self._tree, idx, self._fresh)
+        self._age[sid] = 0
+
+    def _check(self, sid: int) -> None:
+        if not (0 <= sid < self.capacity) or not self._active[sid]:
+            raise KeyError(f"no open stream with id {sid}")
+
+
+def _float_leaves(tree: State):
+    from ..core._tree import tree_leaves
+
+    return (t for _, t in tree_leaves(tree) if t.is_floating_point())
