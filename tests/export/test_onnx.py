@@ -14,14 +14,12 @@ from costream.export import OnnxStreamRunner, export_onnx
 
 pytest.importorskip("onnxruntime")
 
-
 def _torch_outputs(net: cs.CoModule, clip: torch.Tensor) -> list[torch.Tensor]:
     net.reset_state()
     with torch.no_grad():
         outs = [net.forward_step(clip[:, :, t]) for t in range(clip.shape[2])]
     net.reset_state()
     return [y for y in outs if y is not None]
-
 
 def _strided_tcn(stride: int) -> cs.CoModule:
     return cs.continual(nn.Sequential(
@@ -30,7 +28,6 @@ def _strided_tcn(stride: int) -> cs.CoModule:
         nn.MaxPool1d(2, stride=1),
         nn.Conv1d(8, 4, 3, padding=2, padding_mode="replicate"),
     )).eval()
-
 
 CASES = {
     "strided conv, stride 2": (lambda: _strided_tcn(2), (3,)),
@@ -41,7 +38,6 @@ CASES = {
         cs.AdaptiveAvgPool3d((1, 1, 1), window=4), cs.Reshape(-1), cs.Linear(4, 3),
     ).eval(), (2, 6, 6)),
 }
-
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_exported_step_equals_pytorch_stepping(name, tmp_path):
@@ -62,7 +58,6 @@ def test_exported_step_equals_pytorch_stepping(name, tmp_path):
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)
 
-
 def test_export_leaves_training_mode_as_it_was(tmp_path):
     net = _strided_tcn(2).train()
     export_onnx(net, tmp_path / "m.onnx", (3,))
@@ -71,7 +66,6 @@ def test_export_leaves_training_mode_as_it_was(tmp_path):
     net.eval()
     export_onnx(net, tmp_path / "m.onnx", (3,))
     assert not any(m.training for m in net.modules())
-
 
 def test_runner_reports_warm_up_per_call(tmp_path):
     net = cs.Conv1d(1, 1, 3).eval()

@@ -1,0 +1,43 @@
+"""The console script: demo, export and verify."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from costream.cli import main
+
+MODEL = '''
+import torch
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv1d(8, 4, 3))
+'''
+
+
+@pytest.fixture
+def user_model(tmp_path, monkeypatch):
+    (tmp_path / "user_model.py").write_text(MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "user_model:build"
+    sys.modules.pop("user_model", None)
+
+
+def test_export_then_verify(tmp_path, user_model, capsys):
+    out = tmp_path / "m.onnx"
+    assert main(["export", user_model, "--onnx", str(out), "--frame-shape", "3"]) == 0
+    assert out.exists() and (tmp_path / "m.onnx.json").exists()
+    assert main(["verify", str(out), user_model]) == 0
+    assert "OK:" in capsys.readouterr().out
+
+
+def test_demo_runs(capsys):
+    assert main(["demo", "--frames", "24"]) == 0
+    assert "max |step - offline|" in capsys.readouterr().out
+
+
+def test_unknown_subcommand_exits():
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
