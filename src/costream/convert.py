@@ -79,6 +79,11 @@ def continual(model: nn.Module, *, temporal_window: int | None = None) -> nn.Mod
     return _convert(model, "", options)
 
 
+def convert_child(module: nn.Module, name: str) -> nn.Module:
+    """Convert a child given to a container constructor; errors name it by ``name``."""
+    return _convert(module, name, {"temporal_window": None})
+
+
 def _convert(module: nn.Module, path: str, options: dict[str, Any]) -> nn.Module:
     if isinstance(module, CoModule):
         return module

@@ -220,7 +220,8 @@ class CoModule(nn.Module):
                 m._prepare()
         tree, _ = self._init(batch_size, _as_shape(frame_shape), dev, dt)
         return {"tree": tree, "age": torch.zeros(batch_size, dtype=torch.long, device=dev),
-                "phase": 0, "frame_shape": _as_shape(frame_shape)}
+                "phase": 0, "frame_shape": _as_shape(frame_shape),
+                "dtype": str(dt).removeprefix("torch.")}
 
     def step(self, x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """Pure step: one input frame and a state in, the due output (or ``None``) and state out.
@@ -388,7 +389,7 @@ class CoModule(nn.Module):
             return None
         copy = tree_map(lambda t: t.detach().clone(), s.tree)
         return {"tree": copy, "age": s.ages().clone(), "phase": s.phase,
-                "frame_shape": s.frame_shape}
+                "frame_shape": s.frame_shape, "dtype": str(s.dtype).removeprefix("torch.")}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume streams from :meth:`get_state` (or :meth:`init_state`) output.
@@ -404,8 +405,17 @@ class CoModule(nn.Module):
         if not 0 <= phase < self.temporal.stride:
             raise ValueError(f"state['phase'] must be in [0, {self.temporal.stride}), got {phase}")
         ref_leaf = next((t for t in _leaves(state["tree"]) if t.is_floating_point()), None)
-        dtype = ref_leaf.dtype if ref_leaf is not None else self._default_device_dtype(
-            None, None)[1]
+        if isinstance(state.get("dtype"), str):
+            dtype = getattr(torch, state["dtype"], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"state['dtype'] is not a torch dtype: {state['dtype']!r}")
+        elif ref_leaf is not None:
+            dtype = ref_leaf.dtype
+        else:
+            dtype = self._default_device_dtype(None, None)[1]
+        param = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if param is not None and param.dtype != dtype:
+            raise ValueError(f"the state is {dtype}, this module's parameters are {param.dtype}")
         frame_shape = state.get("frame_shape")
         expected = self.init_state(age.shape[0], frame_shape, device=age.device,
                                    dtype=dtype)["tree"]

@@ -33,7 +33,7 @@ class _Branches(CoModule):
         items = branches.items() if isinstance(branches, OrderedDict) else (
             (str(i), m) for i, m in enumerate(branches))
         for name, m in items:
-            self.add_module(name, as_child(m))
+            self.add_module(name, as_child(m, name))
         if len(self._modules) < 1:
             raise ValueError(f"{type(self).__name__} needs at least one branch")
         if align not in ("centre", "end"):

@@ -32,8 +32,8 @@ class Conditional(CoModule):
                  on_false: nn.Module | None = None) -> None:
         super().__init__()
         self.predicate = predicate
-        self.add_module("0", as_child(on_true))
-        self.add_module("1", as_child(on_false if on_false is not None else nn.Identity()))
+        self.add_module("0", as_child(on_true, "0"))
+        self.add_module("1", as_child(on_false if on_false is not None else nn.Identity(), "1"))
         self._prepare()
 
     def _prepare(self) -> None:

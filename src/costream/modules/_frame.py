@@ -28,6 +28,9 @@ class _FrameMap(CoModule):
     def _map_clip(self, x: Any) -> Any:
         """Apply the map to a clip ``(B, C, T, *S)``: by default frame by frame, batched."""
         b, t = x.shape[0], x.shape[2]
+        if t == 0:  # map one dummy frame for the output shape
+            y = self._map(x.new_zeros(b, *x.shape[1:2], *x.shape[3:]))
+            return y.unsqueeze(2)[:, :, :0]
         frames = x.movedim(2, 1).reshape(b * t, *x.shape[1:2], *x.shape[3:])
         y = self._map(frames)
         return y.reshape(b, t, *y.shape[1:]).movedim(1, 2)

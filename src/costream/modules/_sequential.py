@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..core._module import Age, CoModule, advance, shift
 from ..core._temporal import Temporal
 from ._pointwise import is_pointwise, pointwise_step
 
 
-def as_child(module: nn.Module) -> nn.Module:
+def as_child(module: nn.Module, name: str = "") -> nn.Module:
     """Validate a container child: a continual module, a point-wise one, or convertible."""
     if isinstance(module, CoModule) or is_pointwise(module):
         return module
-    from ..convert import continual
+    from ..convert import convert_child
 
-    return continual(module)
+    return convert_child(module, name)
 
 
 def child_temporal(module: nn.Module) -> Temporal:
@@ -32,11 +32,16 @@ def next_out(age: Age, phase: int, t: Temporal) -> tuple[Age, int]:
     return advance(a, p, t.delay, t.stride)
 
 
-def cat_chunks(parts: list[Tensor | None]) -> Tensor | None:
+def cat_chunks(parts: list[Any]) -> Any:
+    """Concatenate chunks (tensors or tuples of tensors) along time, skipping ``None``."""
     parts = [p for p in parts if p is not None]
     if not parts:
         return None
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[i] for p in parts], dim=2) for i in range(len(parts[0])))
+    return torch.cat(parts, dim=2)
 
 
 class Sequential(CoModule, nn.Sequential):
@@ -59,7 +64,7 @@ class Sequential(CoModule, nn.Sequential):
     def __init__(self, *args: Any) -> None:
         nn.Sequential.__init__(self, *args)
         for name, child in list(self._modules.items()):
-            self._modules[name] = as_child(child)
+            self._modules[name] = as_child(child, name)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -123,7 +128,7 @@ class Sequential(CoModule, nn.Sequential):
             following = next_out(age, phase, m.temporal)
             parts, first = [], None
             if y is not None:
-                fed = y.shape[2]
+                fed = (y[0] if isinstance(y, tuple) else y).shape[2]
                 age, phase = y_age, y_phase
                 following = next_out(age, phase, m.temporal)
                 y, new[i], a, p = m._steps(y, new[i], age, phase)
