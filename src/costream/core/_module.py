@@ -275,6 +275,10 @@ class CoModule(nn.Module):
     def forward_step(self, x: Any) -> Any:
         """Process one frame ``(B, C, *spatial)``; return the output that became due, or ``None``.
 
+        Stream under ``torch.inference_mode()`` (or ``no_grad``) for deployment: with autograd
+        recording, the state keeps the graph of every past step (as backpropagation through
+        time needs) and grows with the stream.
+
         Example:
             >>> import torch, costream as cs
             >>> conv = cs.Conv1d(2, 4, kernel_size=3, padding=1)
