@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 _COMMANDS: list[Command] = []
@@ -41,13 +42,18 @@ command("demo", "convert a small network, stream it frame by frame and check exa
 
 
 def load_model(spec: str):
-    """A model from a zoo name (``costream.models``) or ``package.module:function``."""
+    """A model from a zoo name (``costream.models``), ``package.module:function`` or a file
+    written by ``costream convert``."""
     import importlib
 
     import torch
 
     from .convert import continual
 
+    if spec.endswith((".pt", ".pth")) and Path(spec).exists():  # written by `costream convert`
+        from .bench import load_converted
+
+        return load_converted(spec)[0]
     if ":" in spec:
         mod_name, fn_name = spec.split(":", 1)
         model = getattr(importlib.import_module(mod_name), fn_name)()
@@ -133,6 +139,186 @@ def _verify(args: argparse.Namespace) -> int:
 _verify.add_arguments = _verify_args
 command("verify", "run an exported model in onnxruntime from a fresh state and compare")(
     _verify)
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*",
+                   help="models to run (default: the embedded set): built-in workloads tcn, "
+                        "transformer; continual zoo models, e.g. cox3d_s; "
+                        "package.module:function; files written by `costream convert`")
+    p.add_argument("--batch-size", type=int, default=1, help="streams stepped together")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--steps", type=int, default=30, help="steady-state steps timed per model")
+    p.add_argument("--frame-shape", type=_shape, default=None,
+                   help="input frame C,H,W (or C) for package.module:function models")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the results as JSON to PATH (no PATH: print JSON, no table)")
+    p.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the results as CSV to PATH (no PATH: print CSV, no table)")
+    p.add_argument("--plot", default=None, metavar="PATH",
+                   help="plot latency and speedup against window length, and MAC reduction vs "
+                        "measured speedup (needs matplotlib)")
+    p.add_argument("--windows", type=_shape, default=(1, 2, 4), metavar="F,F,...",
+                   help="window lengths for --plot, as multiples of each clip (default 1,2,4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import shlex
+    import time
+
+    from .bench import format_table, plot_bench, run_bench, to_csv, to_json
+
+    t0 = time.perf_counter()
+    rows = run_bench(args.models or None, batch_size=args.batch_size, threads=args.threads,
+                     device=args.device, steps=args.steps, progress=not args.no_progress,
+                     frame_shape=args.frame_shape,
+                     window_factors=args.windows if args.plot else (), seed=args.seed)
+    elapsed = time.perf_counter() - t0
+    command = "costream bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:])
+    if args.json:
+        text = to_json(rows, None if args.json == "-" else args.json, command=command)
+        if args.json == "-":
+            print(text, end="")
+    if args.csv:
+        text = to_csv(rows, None if args.csv == "-" else args.csv)
+        if args.csv == "-":
+            print(text, end="")
+    if args.plot:
+        plot_bench(rows, args.plot)
+    failed = [r["model"] for r in rows if not r["exact"]]
+    if "-" not in (args.json, args.csv):
+        threads = rows[0]["threads"] if rows else args.threads
+        print(f"costream bench: {len(rows)} models, batch {args.batch_size}, {threads} threads, "
+              f"{args.device}, random weights, float32")
+        print(format_table(rows))
+        print("MACs: ptflops convention (multiply-accumulates incl. element-wise layers); "
+              "ms: medians under torch.inference_mode(); speedup = ms/clip / ms/step; "
+              "state: bytes of the stream state; max |step - offline|: stepped outputs vs "
+              "forward() over the same stream, ok = within float32 tolerance "
+              "(|d| <= 1e-5 + 1e-4 |offline|).")
+        verdict = f"FAILED exactness: {', '.join(failed)}" if failed else "all exact"
+        print(f"{verdict}; {elapsed:.0f} s in total.")
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 1 if failed else 0
+
+
+_bench.add_arguments = _bench_args
+command("bench", "measure MACs, latency, state and exactness of continual models against "
+                 "their offline run")(_bench)
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="package.module:function returning a torch.nn model")
+    p.add_argument("--out", required=True, help="output .pt (state_dict); spec: <out>.json")
+    p.add_argument("--frame-shape", type=_shape, default=None,
+                   help="one input frame without batch, e.g. 3,112,112 (1D models: C)")
+    p.add_argument("--temporal-window", type=int, default=None,
+                   help="tokens attended over online (models with attention)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames of the verification clip (default: twice the receptive field)")
+    p.add_argument("--rtol", type=float, default=None, help="default: float32 tolerance 1e-4")
+    p.add_argument("--atol", type=float, default=None, help="default: float32 tolerance 1e-5")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from ._version import __version__
+    from .bench._run import _exactness
+    from .bench._workloads import _infer_frame_shape, build_source
+    from .convert import continual
+    from .testing import assert_streaming_equivalent, tolerances
+
+    model = build_source(args.model).eval()
+    options = {} if args.temporal_window is None else {"temporal_window": args.temporal_window}
+    net = continual(model, **options).eval()
+    shape = args.frame_shape or _infer_frame_shape(net, args.model)
+    geom = net.temporal
+    frames = args.frames or 2 * geom.receptive_field + geom.stride
+    clip = torch.randn(2, shape[0], frames, *shape[1:])
+    tol = tolerances(torch.float32)
+    rtol, atol = args.rtol or tol["rtol"], args.atol or tol["atol"]
+    try:
+        assert_streaming_equivalent(net, clip, model, rtol=rtol, atol=atol)
+    except AssertionError as err:
+        print(f"FAIL: {args.model} does not stream exactly: {err}")
+        return 1
+    with torch.inference_mode():
+        check = _exactness(net, clip)
+    net.reset_state()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), out)
+    spec = {
+        "format": "costream-convert/1", "source": args.model, "options": options,
+        "frame_shape": list(shape), "receptive_field": geom.receptive_field,
+        "delay": geom.delay, "stride": geom.stride, "padding": geom.padding,
+        "params": sum(p.numel() for p in net.parameters()),
+        "verified": {"frames": frames, "batch_size": 2, "rtol": rtol, "atol": atol,
+                     "max_abs_diff": check["max_abs_diff"]},
+        "costream": __version__, "torch": torch.__version__,
+    }
+    Path(f"{out}.json").write_text(json.dumps(spec, indent=2) + "\n")
+    print(f"OK: {args.model} converted and verified on {frames} frames "
+          f"(max |step - offline| = {check['max_abs_diff']:.2e}); receptive field "
+          f"{geom.receptive_field}, delay {geom.delay}, stride {geom.stride}")
+    print(f"wrote {out} (state_dict) and {out}.json (spec); load with "
+          f"costream.bench.load_converted({str(out)!r})")
+    return 0
+
+
+_convert.add_arguments = _convert_args
+command("convert", "convert a torch.nn model to a continual one, verify it streams exactly, "
+                   "save it")(_convert)
+
+
+def _info_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="built-in workload, zoo model, package.module:function or a "
+                                 "file written by `costream convert`")
+    p.add_argument("--frame-shape", type=_shape, default=None,
+                   help="one input frame without batch (default: the model's native one)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--temporal-window", type=int, default=None,
+                   help="tokens attended over online (models with attention)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench._info import describe, format_info
+    from .bench._workloads import resolve_workload
+
+    w = resolve_workload(args.model, args.frame_shape, temporal_window=args.temporal_window)
+    info = describe(w, args.batch_size)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+_info.add_arguments = _info_args
+command("info", "receptive field, delay, stride and state shapes of a continual model")(_info)
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from .prune._cli import run
+
+    return run(args)
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    from .prune._cli import add_arguments
+
+    add_arguments(p)
+
+
+_prune.add_arguments = _prune_args
+command("prune", "prune a model's channels (MODULE:FUNCTION) and save it")(_prune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..core._mode import call_mode
 from ..core._module import Age, CoModule, advance, emits, shift
 from ..core._temporal import Temporal
 from ._frame import ReduceOp, reduce_fn
@@ -243,9 +244,9 @@ class _Branches(CoModule):
     # ------------------------------------------------------------------ offline
     def _clip(self, x: Any) -> Any:
         ys = []
-        for i, m in enumerate(self._modules.values()):
-            xi = x if self.broadcast else x[i]
-            ys.append(m._clip(xi) if isinstance(m, CoModule) else m(xi))
+        with call_mode("forward"):  # children through __call__, so their hooks run
+            for i, m in enumerate(self._modules.values()):
+                ys.append(m(x if self.broadcast else x[i]))
         length = min(y.shape[2] for y in ys)
         cropped = []
         for y in ys:

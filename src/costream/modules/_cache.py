@@ -15,11 +15,12 @@ class DerivedCache:
     ``torch.compile`` / ``torch.export`` trace (the derivation becomes part of the graph).
     """
 
-    __slots__ = ("fn", "key", "value")
+    __slots__ = ("fn", "key", "sources", "value")
 
     def __init__(self, fn: Callable[[], tuple[Tensor | None, ...]]) -> None:
         self.fn = fn
         self.key: tuple | None = None
+        self.sources: tuple[Tensor | None, ...] = ()
         self.value: tuple[Tensor | None, ...] | None = None
 
     def get(self, *sources: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -28,7 +29,16 @@ class DerivedCache:
         if torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources):
             return self.fn()
         key = tuple((s.data_ptr(), s._version) if s is not None else None for s in sources)
-        if key != self.key:
+        # identity too: a replaced tensor may reuse the freed address with a fresh version
+        same = len(sources) == len(self.sources) and all(
+            a is b for a, b in zip(sources, self.sources, strict=True))
+        if key != self.key or not same:
             self.value = self.fn()
             self.key = key
+            self.sources = sources
         return self.value
+
+    def invalidate(self) -> None:
+        """Forget the cached value (it is recomputed at the next :meth:`get`)."""
+        self.key = self.value = None
+        self.sources = ()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core._mode import call_mode
 from ..core._module import Age, CoModule, advance
 from ..core._temporal import Temporal
 from ._pointwise import pointwise_step
@@ -120,4 +121,5 @@ class Conditional(CoModule):
 
     def _clip(self, x: Any) -> Any:
         m = self._modules[str(self._choice(x))]
-        return m._clip(x) if isinstance(m, CoModule) else m(x)
+        with call_mode("forward"):
+            return m(x)

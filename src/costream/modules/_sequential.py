@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core._mode import call_mode
 from ..core._module import Age, CoModule, advance, shift
 from ..core._temporal import Temporal
 from ._pointwise import is_pointwise, pointwise_step
@@ -146,6 +147,7 @@ class Sequential(CoModule, nn.Sequential):
         return y, tuple(new), y_age, y_phase
 
     def _clip(self, x: Any) -> Any:
-        for m in self._modules.values():
-            x = m._clip(x) if isinstance(m, CoModule) else m(x)
+        with call_mode("forward"):  # children through __call__, so their hooks run
+            for m in self._modules.values():
+                x = m(x)
         return x
