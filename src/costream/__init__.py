@@ -15,6 +15,9 @@ from ._version import __version__
 from .convert import continual, register_handler
 from .core import CoModule, Temporal, call_mode
 from .modules import (
+    GRU,
+    LSTM,
+    RNN,
     AdaptiveAvgPool1d,
     AdaptiveAvgPool2d,
     AdaptiveAvgPool3d,
@@ -37,19 +40,26 @@ from .modules import (
     MaxPool2d,
     MaxPool3d,
     Parallel,
+    RecyclingPositionalEncoding,
     Reduce,
     Reshape,
     Residual,
+    RetroactiveMultiheadAttention,
     Sequential,
+    SingleOutputMultiheadAttention,
     Skip,
+    TransformerEncoder,
+    TransformerEncoderLayer,
     register_pointwise,
 )
 
 __all__ = [
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
     "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Broadcast",
-    "BroadcastReduce", "CoModule", "Conditional", "Conv1d", "Conv2d", "Conv3d", "Delay", "Lambda",
-    "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Parallel", "Reduce", "Reshape", "Residual",
-    "Sequential", "Skip", "Temporal", "__version__", "call_mode", "continual", "register_handler",
+    "BroadcastReduce", "CoModule", "Conditional", "Conv1d", "Conv2d", "Conv3d", "Delay", "GRU",
+    "LSTM", "Lambda", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Parallel", "RNN",
+    "RecyclingPositionalEncoding", "Reduce", "Reshape", "Residual", "RetroactiveMultiheadAttention",
+    "Sequential", "SingleOutputMultiheadAttention", "Skip", "Temporal", "TransformerEncoder",
+    "TransformerEncoderLayer", "__version__", "call_mode", "continual", "register_handler",
     "register_pointwise",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from .core._module import CoModule
-from .modules import _conv, _frame, _pool
+from .modules import _attention, _conv, _frame, _pool, _rnn, _transformer
 from .modules._pointwise import is_pointwise
 from .modules._sequential import Sequential
 
@@ -143,3 +143,25 @@ for _n in (1, 2, 3):
         register_handler(getattr(nn, f"Adaptive{_kind}Pool{_n}d"),
                          _adaptive(getattr(_pool, f"Adaptive{_kind}Pool{_n}d")))
 register_handler(nn.Linear, _from_torch(_frame.Linear))
+
+
+def _windowed(cls: type) -> Handler:
+    """Handler for a sequence layer that attends over a window of ``temporal_window`` tokens."""
+
+    def handler(module: nn.Module, convert: Callable, temporal_window: int | None = None,
+                **_: Any) -> nn.Module:
+        if temporal_window is None:
+            raise TypeError(
+                f"converting {type(module).__name__} needs the number of tokens it attends over "
+                f"online: continual(model, temporal_window=n)"
+            )
+        return cls.from_torch(module, temporal_window)
+
+    return handler
+
+
+register_handler(nn.MultiheadAttention, _windowed(_attention.SingleOutputMultiheadAttention))
+register_handler(nn.TransformerEncoderLayer, _windowed(_transformer.TransformerEncoderLayer))
+register_handler(nn.TransformerEncoder, _windowed(_transformer.TransformerEncoder))
+for _torch_rnn in ("RNN", "LSTM", "GRU"):
+    register_handler(getattr(nn, _torch_rnn), _from_torch(getattr(_rnn, _torch_rnn)))

@@ -1,5 +1,6 @@
 """Continual layers and containers."""
 
+from ._attention import RetroactiveMultiheadAttention, SingleOutputMultiheadAttention
 from ._branches import BroadcastReduce, Parallel, Residual
 from ._conditional import Conditional
 from ._conv import Conv1d, Conv2d, Conv3d
@@ -20,12 +21,17 @@ from ._pool import (
     MaxPool2d,
     MaxPool3d,
 )
+from ._positional import RecyclingPositionalEncoding
+from ._rnn import GRU, LSTM, RNN
 from ._sequential import Sequential
+from ._transformer import TransformerEncoder, TransformerEncoderLayer
 
 __all__ = [
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
     "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Broadcast",
-    "BroadcastReduce", "Conditional", "Conv1d", "Conv2d", "Conv3d", "Delay", "Lambda", "Linear",
-    "MaxPool1d", "MaxPool2d", "MaxPool3d", "Parallel", "Reduce", "Reshape", "Residual",
-    "Sequential", "Skip", "is_pointwise", "register_pointwise",
+    "BroadcastReduce", "Conditional", "Conv1d", "Conv2d", "Conv3d", "Delay", "GRU", "LSTM",
+    "Lambda", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Parallel", "RNN",
+    "RecyclingPositionalEncoding", "Reduce", "Reshape", "Residual", "RetroactiveMultiheadAttention",
+    "Sequential", "SingleOutputMultiheadAttention", "Skip", "TransformerEncoder",
+    "TransformerEncoderLayer", "is_pointwise", "register_pointwise",
 ]
