@@ -1,0 +1,251 @@
+"""MACs in the ptflops convention, for a clip and for one continual step.
+
+The complexity figures of the continual-inference papers (e.g. Co3D, arXiv 2106.00050) are
+ptflops counts: multiply-accumulates of convolutions and linear layers plus one operation per
+element for the cheap layers. This module reproduces that convention by counting the ATen
+operations a call executes (a ``TorchDispatchMode``), which works alike for an offline forward
+(where ptflops would hook modules) and for a continual step (where containers call their
+children's step functions directly):
+
+==========================  =====================================================
+operation                   MACs
+==========================  =====================================================
+convolution                 output elements x (C_in / groups) x kernel volume,
+                            plus one per output element for the bias
+matmul (linear)             M x N x K, plus one per output element for the bias
+batch / layer / group norm  two per input element (one without affine parameters)
+activation                  one per output element (ReLU family, Swish/SiLU,
+                            sigmoid, tanh, GELU, softmax, ...)
+pooling (also ``mean``)     one per input element
+element-wise arithmetic     one per output element (``add``, ``sub``, ``mul``, ``div``
+                            of floating-point tensors: residual sums, SE gating,
+                            the partial-sum updates of continual convolutions)
+==========================  =====================================================
+
+The last row follows ptflops 0.7, which counts ``torch.add`` / ``torch.mul`` calls; counting
+them at the ATen level also catches operator syntax (``x + y``) and in-place updates. On
+``meta`` tensors nothing is computed, so whole networks at full input size are counted in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["PtflopsCounter", "ptflops_macs", "ptflops_step_macs"]
+
+aten = torch.ops.aten
+
+
+def _numel(t: Any) -> int:
+    return t.numel() if isinstance(t, Tensor) else 0
+
+
+def _conv(args: tuple, kwargs: dict, out: Any, transposed: bool = False) -> int:
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    per = w.shape[1] * math.prod(w.shape[2:])
+    macs = (x.numel() if transposed else out.numel()) * per
+    return macs + (out.numel() if bias is not None else 0)
+
+
+def _convolution(args: tuple, kwargs: dict, out: Any) -> int:
+    transposed = args[6] if len(args) > 6 else kwargs.get("transposed", False)
+    return _conv(args, kwargs, out, bool(transposed))
+
+
+def _conv_transpose(args: tuple, kwargs: dict, out: Any) -> int:
+    return _conv(args, kwargs, out, True)
+
+
+def _linear(args: tuple, kwargs: dict, out: Any) -> int:
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return out.numel() * args[1].shape[1] + (out.numel() if bias is not None else 0)
+
+
+def _mm(args: tuple, kwargs: dict, out: Any) -> int:
+    a = args[0]
+    return out.numel() * a.shape[-1]
+
+
+def _addmm(args: tuple, kwargs: dict, out: Any) -> int:
+    return out.numel() * args[1].shape[-1] + out.numel()
+
+
+def _norm(args: tuple, kwargs: dict, out: Any) -> int:
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    return args[0].numel() * (2 if weight is not None else 1)
+
+
+def _layer_norm(args: tuple, kwargs: dict, out: Any) -> int:
+    weight = args[2] if len(args) > 2 else kwargs.get("weight")
+    return args[0].numel() * (2 if weight is not None else 1)
+
+
+def _activation(args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def _pool(args: tuple, kwargs: dict, out: Any) -> int:
+    return args[0].numel()
+
+
+def _elementwise(args: tuple, kwargs: dict, out: Any) -> int:
+    return out.numel() if isinstance(out, Tensor) and out.is_floating_point() else 0
+
+
+_RULES: dict[Any, Callable[[tuple, dict, Any], int]] = {}
+
+
+def _register(packets: list[str], rule: Callable[[tuple, dict, Any], int]) -> None:
+    for name in packets:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            _RULES[packet] = rule
+
+
+# Under ``torch.inference_mode`` composite operations (conv2d, linear, batch_norm, ...) reach
+# the mode undecomposed; otherwise their decompositions (convolution, addmm, ...) do. Each call
+# is seen at one level only, so both levels have rules.
+_register(["convolution", "_convolution", "convolution_overrideable"], _convolution)
+_register(["conv1d", "conv2d", "conv3d"], _conv)
+_register(["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], _conv_transpose)
+_register(["linear"], _linear)
+_register(["mm", "bmm", "matmul"], _mm)
+_register(["addmm", "baddbmm"], _addmm)
+_register(["_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
+           "native_batch_norm", "native_group_norm", "batch_norm", "instance_norm"], _norm)
+_register(["native_layer_norm", "layer_norm", "group_norm"], _layer_norm)
+_register(["relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu",
+           "selu", "prelu", "_prelu_kernel", "gelu", "gelu_", "silu", "silu_", "mish", "mish_",
+           "sigmoid", "sigmoid_", "tanh", "tanh_", "hardtanh", "hardtanh_", "hardswish",
+           "hardswish_", "hardsigmoid", "hardsigmoid_", "softplus", "_softmax", "softmax",
+           "_log_softmax", "log_softmax", "threshold", "threshold_"], _activation)
+_register(["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
+           "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+           "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
+           "adaptive_max_pool2d", "adaptive_max_pool3d", "mean"], _pool)
+_register(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"], _elementwise)
+
+
+class PtflopsCounter(TorchDispatchMode):
+    """A context manager counting ptflops-convention MACs of the ATen operations run inside.
+
+    ``total`` holds the MACs, ``by_op`` the MACs per operation name.
+
+    Example:
+        >>> import torch
+        >>> from costream.bench import PtflopsCounter
+        >>> conv, bn = torch.nn.Conv1d(4, 8, 3, bias=False), torch.nn.BatchNorm1d(8).eval()
+        >>> with PtflopsCounter() as counter:
+        ...     _ = torch.relu(bn(conv(torch.randn(1, 4, 5))))
+        >>> counter.total  # conv 3 x 8 x (4 x 3), BN 2 x 24, ReLU 24
+        360
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        rule = _RULES.get(func.overloadpacket)
+        if rule is not None:
+            macs = int(rule(args, kwargs, out))
+            self.total += macs
+            self.by_op[func.overloadpacket.__name__] += macs
+        return out
+
+
+def ptflops_macs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """ptflops-convention MACs of ``fn(*args, **kwargs)`` (run under ``torch.no_grad``).
+
+    For a clip, pass the offline model: ``ptflops_macs(model, clip)``; with the model and the
+    clip on the ``meta`` device nothing is computed.
+
+    Example:
+        >>> import torch
+        >>> from costream.bench import ptflops_macs
+        >>> net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.ReLU())
+        >>> ptflops_macs(net.to("meta"), torch.empty(1, 3, 4, 8, 8, device="meta"))
+        169984
+        >>> 2048 * (3 * 27) + 2048 + 2048  # 2048 outputs: conv, bias, ReLU
+        169984
+    """
+    with torch.no_grad(), PtflopsCounter() as counter:
+        fn(*args, **kwargs)
+    return counter.total
+
+
+def ptflops_step_macs(module: nn.Module, frame: Tensor, *, per: str = "step") -> float:
+    """ptflops-convention MACs of one continual step, in steady state.
+
+    On real tensors the module's stream is restarted, warmed up with ``delay + 1`` copies of
+    ``frame`` (one ``forward_steps`` call), and the next ``stride`` calls of
+    ``forward_step(frame)`` are counted; the stream is restarted again afterwards. On ``meta``
+    tensors (no values, so no stateful bookkeeping) the pure ``step`` over a fresh explicit
+    state is counted instead: it executes every layer's per-step work at every age (the
+    warm-up is masked, not skipped), which equals the steady state of ``forward_step`` except
+    for temporally strided convolutions (the pure step computes all their taps).
+
+    Args:
+        module: a continual module (``forward_step``, ``temporal``).
+        frame: one input frame ``(B, C, *spatial)``.
+        per: ``"step"``: MACs per input frame, averaged over one stride period;
+            ``"peak"``: the most expensive step of the period (one that emits an output; what
+            a profiler of one emitting ``forward_step`` reports, the convention of the Co3D
+            paper for CoI3D); ``"output"``: the period's MACs per emitted output. The three
+            agree for networks without temporal stride.
+
+    Example:
+        >>> import torch, costream
+        >>> from costream.bench import ptflops_step_macs
+        >>> conv = costream.Conv1d(4, 8, 3, padding=1, bias=False)
+        >>> net = costream.Sequential(conv, torch.nn.ReLU())
+        >>> ptflops_step_macs(net, torch.randn(1, 4))  # 8 x (4 x 3), 2 x 8 partial sums, 8 ReLU
+        120.0
+    """
+    if per not in ("step", "peak", "output"):
+        raise ValueError(f"per must be 'step', 'peak' or 'output', got {per!r}")
+    stride = module.temporal.stride
+    counts: list[int] = []
+    outputs = 0
+    if frame.device.type == "meta":
+        state = module.init_state(frame.shape[0], tuple(frame.shape[1:]), device=frame.device,
+                                  dtype=frame.dtype)
+        with torch.no_grad():
+            for _ in range(stride):
+                with PtflopsCounter() as counter:
+                    y, state = module.step(frame, state)
+                counts.append(counter.total)
+                outputs += y is not None
+    else:
+        module.reset_state()
+        try:
+            with torch.inference_mode():
+                warm = frame.unsqueeze(2).expand(*frame.shape[:2], module.temporal.delay + 1,
+                                                 *frame.shape[2:])
+                module.forward_steps(warm.contiguous())
+                for _ in range(stride):
+                    with PtflopsCounter() as counter:
+                        y = module.forward_step(frame)
+                    counts.append(counter.total)
+                    outputs += y is not None
+        finally:
+            module.reset_state()
+    if per == "output":
+        return sum(counts) / max(1, outputs)
+    if per == "peak":
+        return float(max(counts))
+    return sum(counts) / stride

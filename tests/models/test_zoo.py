@@ -1,0 +1,132 @@
+"""Every registered zoo model meets the streaming contract (float64, tiny inputs).
+
+Driven by :func:`costream.models.list_models`: a newly registered model is checked without
+further code. Offline originals with clip-scope SE cannot be stepped; they must refuse with an
+error that points to the streamable scope.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import costream as cs
+from costream.models import create_model, fold_batch_norm, list_models
+from costream.models._layers import DepthwiseConv3d, GemmConv3d, ReplicateConv3d, conv3d
+from costream.testing import assert_streaming_equivalent
+
+SIZE = 16  # spatial size of the test clips (res5 maps are 1x1)
+
+
+def small(name: str, **kwargs: Any) -> nn.Module:
+    """``name`` with 7 classes, a 2-frame head window, in float64."""
+    return create_model(name, num_classes=7, head_pool=2, crop_size=SIZE, **kwargs).double()
+
+
+def stream_for(model: nn.Module, batch: int, extra: int = 3) -> torch.Tensor:
+    t = model.delay + extra * model.temporal.stride
+    return torch.randn(batch, 3, t, SIZE, SIZE, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_registered_model_streams_exactly(name: str) -> None:
+    model = small(name)
+    assert not model.training, "create_model returns eval-mode models"
+    if not model.streamable:
+        x = stream_for(model, 1, extra=1)
+        y = model(x)
+        assert y.shape == (1, 7, x.shape[2] - 1)
+        with pytest.raises(RuntimeError, match="se_scope='frame'"):
+            model.forward_step(x[:, :, 0])
+        return
+    assert_streaming_equivalent(model, stream_for(model, 2))
+
+
+def test_continual_x3d_streams_in_float32() -> None:
+    model = small("cox3d_xs").float()
+    x = stream_for(model, 1).float()
+    assert_streaming_equivalent(model, x, check_batch=False, check_state=False)
+
+
+@pytest.mark.parametrize("name", ["cox3d_xs", "coi3d_r50"])
+def test_replicate_fill_streams_exactly(name: str) -> None:
+    model = small(name, temporal_fill="replicate")
+    assert_streaming_equivalent(model, stream_for(model, 1), check_batch=False,
+                                check_state=False)
+
+
+def test_offline_and_continual_x3d_share_one_architecture() -> None:
+    offline, continual = create_model("x3d_s"), create_model("cox3d_s", head_pool=64)
+    assert offline.se_scope == "clip" and continual.se_scope == "frame"
+    assert {k: v.shape for k, v in offline.state_dict().items()} == {
+        k: v.shape for k, v in continual.state_dict().items()}
+    # the head pool sets the receptive field, not the cost: 57 conv frames + the window
+    assert offline.receptive_field == 57 + 12 and continual.receptive_field == 57 + 63
+
+
+def test_receptive_fields_match_the_published_networks() -> None:
+    assert create_model("cox3d_l", head_pool=1).receptive_field == 115
+    assert create_model("coslow_r50", head_pool=1).receptive_field == 19
+    i3d = create_model("coi3d_r50", head_pool=1)
+    assert i3d.temporal.stride == 2
+
+
+def test_folded_batch_norm_streams_exactly() -> None:
+    model = small("cox3d_xs")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    folded = fold_batch_norm(model)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in folded.modules())
+    assert_streaming_equivalent(folded, stream_for(model, 1), model, check_batch=False,
+                                check_state=False)
+
+
+def test_unknown_name_lists_close_matches() -> None:
+    with pytest.raises(KeyError, match="cox3d_s"):
+        create_model("cox3ds")
+
+
+def test_bad_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="temporal_fill"):
+        create_model("cox3d_s", temporal_fill="reflect")
+    with pytest.raises(ValueError, match="se_scope"):
+        create_model("x3d_s", se_scope="video")
+    with pytest.raises(ValueError, match="head_pool"):
+        create_model("slow_r50", head_pool=-1)
+
+
+# ------------------------------------------------------------------ the zoo's conv variants
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("cls", "kwargs", "size"), [
+    (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 20),  # split taps
+    (DepthwiseConv3d, {"kernel_size": 3, "stride": (1, 2, 2), "padding": 1, "groups": 6}, 9),
+    (DepthwiseConv3d, {"kernel_size": (5, 1, 1), "padding": (2, 0, 0), "groups": 6}, 7),
+    (GemmConv3d, {"kernel_size": (3, 1, 1), "padding": (1, 0, 0)}, 7),
+    (GemmConv3d, {"kernel_size": 1, "stride": (1, 2, 2)}, 7),
+    (ReplicateConv3d, {"kernel_size": 3, "padding": 1}, 7),
+])
+def test_zoo_convolutions_stream_exactly(cls: type, kwargs: dict, size: int,
+                                         dtype: torch.dtype) -> None:
+    conv = cls(6, 6, **kwargs).to(dtype)
+    ref = nn.Conv3d(6, 6, **kwargs).to(dtype)
+    ref.load_state_dict(conv.state_dict())
+    reference = ref if cls is not ReplicateConv3d else None
+    x = torch.randn(2, 6, 8, size, size, dtype=dtype)
+    assert_streaming_equivalent(conv, x, reference)
+
+
+def test_replicate_fill_pads_time_by_copies_and_space_by_zeros() -> None:
+    conv = conv3d(4, 4, 3, padding=1, fill="replicate", bias=True).double()
+    x = torch.randn(1, 4, 6, 5, 5, dtype=torch.float64)
+    padded = torch.cat([x[:, :, :1], x, x[:, :, -1:]], dim=2)
+    padded = nn.functional.pad(padded, (1, 1, 1, 1))
+    expected = nn.functional.conv3d(padded, conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x), expected)
+    assert isinstance(conv3d(4, 4, (3, 1, 1), padding=(1, 0, 0), fill="replicate"), GemmConv3d)
+    assert type(conv3d(4, 8, 3, padding=1)) is cs.Conv3d
