@@ -83,6 +83,15 @@ class _CoConvNd(CoModule):
     # Tap contributions of a frame are laid out as (N, groups, k, C_out / groups, *S): taps on
     # dim 2, and for groups=1 the due output frame is contiguous.
     def _frame_kernel(self) -> tuple[Tensor, Tensor | None]:
+        return self._gemm_layout(*self._stacked_kernel())
+
+    def _gemm_layout(self, w_all: Tensor, b_all: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Conv1d without groups steps as ``addmm(bias, x, W)``: keep ``W`` as ``(C_in, rows)``."""
+        if self._ndim == 1 and self.groups == 1:
+            w_all = w_all.reshape(w_all.shape[0], -1).t().contiguous()
+        return w_all, b_all
+
+    def _stacked_kernel(self) -> tuple[Tensor, Tensor | None]:
         w = self.weight
         g, k = self.groups, self.kernel_size[0]
         cg = w.shape[0] // g
@@ -97,12 +106,12 @@ class _CoConvNd(CoModule):
 
     def _tap_kernel(self, taps: tuple[int, ...]) -> tuple[Tensor, Tensor | None]:
         """The frame kernel restricted to ``taps`` (for strided convolutions)."""
-        w_all, b_all = self._frame_kernel()
+        w_all, b_all = self._stacked_kernel()
         g, k = self.groups, self.kernel_size[0]
         w = w_all.reshape(g, k, -1, *w_all.shape[1:])[:, list(taps)]
         w = w.reshape(-1, *w_all.shape[1:])
         b = None if b_all is None else b_all.view(g, k, -1)[:, list(taps)].reshape(-1)
-        return w, b
+        return self._gemm_layout(w, b)
 
     def _phase_taps(self, phase: int) -> tuple[tuple[int, ...], DerivedCache, Tensor | None]:
         """Taps of an input at ``phase`` that reach an output this strided conv will emit."""
@@ -124,13 +133,14 @@ class _CoConvNd(CoModule):
         params = self._parameters  # direct lookup: nn.Module.__getattr__ is slow per step
         w_all, b_all = (kernel or self._cache).get(params["weight"], params["bias"])
         n, g = x.shape[0], self.groups
-        taps = w_all.shape[0] // self.out_channels
         if self._ndim == 1:
-            if g == 1:
-                z = F.linear(x, w_all.view(w_all.shape[0], -1), b_all)
+            if g == 1:  # w_all is (C_in, taps * C_out)
+                z = torch.mm(x, w_all) if b_all is None else torch.addmm(b_all, x, w_all)
+                return z.view(n, 1, w_all.shape[1] // self.out_channels, -1)
             else:
                 z = F.conv1d(x.unsqueeze(-1), w_all.unsqueeze(-1), b_all, groups=g)
-            return z.view(n, g, taps, -1)
+            return z.view(n, g, w_all.shape[0] // self.out_channels, -1)
+        taps = w_all.shape[0] // self.out_channels
         conv = _FRAME_CONV[self._ndim - 1]
         sp = self._spad
         if self.padding_mode == "replicate" and any(sp):
