@@ -18,6 +18,7 @@ from ..core._temporal import Temporal
 from ._cache import DerivedCache
 
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
+_ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
 
 
 class _CoConvNd(CoModule):
@@ -89,6 +90,9 @@ class _CoConvNd(CoModule):
         """Conv1d without groups steps as ``addmm(bias, x, W)``: keep ``W`` as ``(C_in, rows)``."""
         if self._ndim == 1 and self.groups == 1:
             w_all = w_all.reshape(w_all.shape[0], -1).t().contiguous()
+        elif self._ndim == 3 and w_all.device.type == "cpu":
+            # channels-last frames meet a channels-last kernel: no per-step kernel re-layout
+            w_all = w_all.contiguous(memory_format=torch.channels_last)
         return w_all, b_all
 
     def _stacked_kernel(self) -> tuple[Tensor, Tensor | None]:
@@ -152,8 +156,14 @@ class _CoConvNd(CoModule):
             x = F.pad(x, sp)
             padding = 0
         if self._ndim == 3 and x.device.type == "cpu":
-            # oneDNN's channels-last kernels are several times faster for per-frame 2D convs
+            # oneDNN's channels-last kernels are several times faster for per-frame 2D convs;
+            # torch's heuristic sends small batch-1 frames to a slower path, so ask for oneDNN
             x = x.contiguous(memory_format=torch.channels_last)
+            if _ONEDNN and x.dtype == torch.float32 and not torch.is_grad_enabled():
+                pad = (padding,) * 2 if isinstance(padding, int) else padding
+                z = torch.mkldnn_convolution(x, w_all, b_all, pad, self.stride[1:],
+                                             self.dilation[1:], g)
+                return z.view(n, g, taps, -1, *z.shape[2:])
         z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
         return z.view(n, g, taps, -1, *z.shape[2:])
 
