@@ -115,7 +115,7 @@ def _register(packets: list[str], rule: Callable[[tuple, dict, Any], int]) -> No
 # the mode undecomposed; otherwise their decompositions (convolution, addmm, ...) do. Each call
 # is seen at one level only, so both levels have rules.
 _register(["convolution", "_convolution", "convolution_overrideable"], _convolution)
-_register(["conv1d", "conv2d", "conv3d"], _conv)
+_register(["conv1d", "conv2d", "conv3d", "mkldnn_convolution"], _conv)
 _register(["conv_transpose1d", "conv_transpose2d", "conv_transpose3d"], _conv_transpose)
 _register(["linear"], _linear)
 _register(["mm", "bmm", "matmul"], _mm)

@@ -20,6 +20,14 @@ from ._cache import DerivedCache
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
 
+if _ONEDNN:
+    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+    @register_flop_formula(torch.ops.aten.mkldnn_convolution)
+    def _onednn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        """FLOPs of the oneDNN convolution the per-frame step calls (counted like any conv)."""
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
 
 class _CoConvNd(CoModule):
     """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
