@@ -69,6 +69,8 @@ class _CoConvNd(CoModule):
             )
         self._span = (k - 1) * d
         self._k, self._d = k, d
+        self._lean = (self._ndim == 1 and self.groups == 1 and d == 1 and k > 1
+                      and self.stride[0] == 1)
         self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
 
@@ -195,6 +197,19 @@ class _CoConvNd(CoModule):
             y = y.contiguous(memory_format=torch.channels_last)
         return y
 
+    def _lean_step(self, x: Tensor, state: dict, phase: int):
+        """Steady-state step of a Conv1d (no groups, dilation or stride) on flat 2D views:
+        ``z = x W + b`` holds the k taps side by side; the partial sums add into taps 1..k-1."""
+        params = self._parameters
+        w, b = self._cache.get(params["weight"], params["bias"])
+        z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+        n, c, k = x.shape[0], self.out_channels, self._k
+        z[:, c:].add_(state["psum"].view(n, -1))
+        new = {"psum": z[:, : (k - 1) * c].view(n, 1, k - 1, c)}
+        if self.padding_mode == "replicate":
+            new["last"] = x
+        return z[:, (k - 1) * c:], new, None, phase - self._span + self._tpad[0]
+
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int):
         """Like :meth:`_update`, computing only the taps that reach an emitted output."""
         taps, kernel, _ = self._phase_taps(phase)
@@ -230,6 +245,8 @@ class _CoConvNd(CoModule):
         return state, (self.out_channels, *spatial)
 
     def _step(self, x: Tensor, state: dict, age: Age, phase: int):
+        if age is None and self._lean:
+            return self._lean_step(x, state, phase)
         replicate = self.padding_mode == "replicate"
         if isinstance(age, Tensor) and self._tpad[0]:
             # filler frames before a stream's first frame must leave the start padding intact:
