@@ -169,7 +169,8 @@ class _CoConvNd(CoModule):
             # oneDNN's channels-last kernels are several times faster for per-frame 2D convs;
             # torch's heuristic sends small batch-1 frames to a slower path, so ask for oneDNN
             x = x.contiguous(memory_format=torch.channels_last)
-            if _ONEDNN and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            if (_ONEDNN and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
                 pad = (padding,) * 2 if isinstance(padding, int) else padding
                 z = torch.mkldnn_convolution(x, w_all, b_all, pad, self.stride[1:],
                                              self.dilation[1:], g)
