@@ -118,7 +118,15 @@ class CoModule(nn.Module):
 
     Subclasses implement ``_temporal``, ``_init``, ``_step`` and ``_clip``; they may override
     ``_steps`` (many frames at once) and ``_flush`` (end padding) where they can do better than
-    the default frame loop.
+    the default frame loop (see ``docs/internals.md``).
+
+    Example:
+        >>> import torch, costream as cs
+        >>> net = cs.continual(torch.nn.Conv1d(2, 2, 3))
+        >>> isinstance(net, cs.CoModule), net.delay
+        (True, 2)
+        >>> [net.forward_step(torch.randn(1, 2)) is None for _ in range(3)]
+        [True, True, False]
     """
 
     _stream: _Stream | None = None

@@ -20,6 +20,12 @@ class Temporal:
         stride: input frames per output.
         padding: frames of start padding (negative: frames cropped at the start).
         end_padding: frames of end padding appended by ``forward_steps(..., pad_end=True)``.
+
+    Example:
+        >>> from costream import Temporal
+        >>> conv = Temporal(receptive_field=3, stride=1, padding=1, end_padding=1)
+        >>> conv.delay, conv.then(conv).receptive_field, conv.then(conv).delay
+        (1, 5, 2)
     """
 
     receptive_field: int = 1

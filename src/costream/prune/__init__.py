@@ -34,7 +34,6 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "CRITERIA",
     "Criterion",
     "Fisher",
     "Magnitude",

@@ -35,7 +35,13 @@ from ..core import CoModule
 
 @dataclass(frozen=True)
 class TaskStorage:
-    """Values a task stores on top of its base network (see the module docstring)."""
+    """Values a task stores on top of its base network (see the module docstring).
+
+    Example:
+        >>> from costream.prune import TaskStorage
+        >>> TaskStorage(learned=100, buffers=8, mask_bits=64).bytes()
+        440
+    """
 
     learned: int
     buffers: int

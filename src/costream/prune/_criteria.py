@@ -72,6 +72,13 @@ def per_channel(saliency: Tensor, dim: int) -> Tensor:
 class Criterion:
     """Base class: ``criterion(group)`` returns one score per channel of the group's root.
 
+    Example:
+        >>> from costream.prune import CRITERIA, Criterion
+        >>> sorted(CRITERIA)  # the built-in criteria by name
+        ['fisher', 'l1', 'l2', 'random', 'taylor']
+        >>> isinstance(CRITERIA["l1"](), Criterion)
+        True
+
     Subclasses define :meth:`saliency` (element-wise, same shape as the weight). Gradient
     criteria set ``needs_gradients`` and read the statistics gathered by :meth:`observe`.
     """

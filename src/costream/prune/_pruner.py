@@ -34,7 +34,13 @@ from ._tracing import traceable
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one pruning step did: target and reached channel density over the pruned groups."""
+    """What one pruning step did: target and reached channel density over the pruned groups.
+
+    Example:
+        >>> from costream.prune import StepReport
+        >>> StepReport(step=1, target_density=0.5, channels=48, initial_channels=96).density
+        0.5
+    """
 
     step: int
     target_density: float

@@ -142,6 +142,17 @@ def save_artifact(path: str | Path, model: nn.Module, base: nn.Module) -> dict[s
 def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
     """Rebuild the derived model stored at ``path`` from ``base`` (which is not modified).
 
+    Example:
+        >>> import copy, os, tempfile, torch
+        >>> from costream.prune.adapters import SPLoRAConfig, add_adapters, save_artifact
+        >>> base = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> task = add_adapters(copy.deepcopy(base), SPLoRAConfig(rank=2, init_scale=0.1))
+        >>> path = os.path.join(tempfile.mkdtemp(), "task.safetensors")
+        >>> _ = save_artifact(path, task, base)
+        >>> x = torch.randn(2, 4)
+        >>> torch.allclose(load_artifact(path, base)(x), task(x))
+        True
+
     Checks, in order: the file format, that every module the artifact names exists in the base,
     the shapes of masks and tensors, and the base checksum. The model comes back in eval mode
     with adapters unmerged (see :func:`merge_adapters`).

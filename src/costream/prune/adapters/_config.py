@@ -42,7 +42,13 @@ def _check_names(value: Any, field: str) -> None:
 
 @dataclass
 class AdapterConfig:
-    """Fields shared by every adapter method; use a subclass (:class:`SPLoRAConfig`, ...)."""
+    """Fields shared by every adapter method; use a subclass (:class:`SPLoRAConfig`, ...).
+
+    Example:
+        >>> from costream.prune.adapters import AdapterConfig, SPLoRAConfig
+        >>> isinstance(SPLoRAConfig(rank=4), AdapterConfig)
+        True
+    """
 
     method: ClassVar[str] = ""
     supported_types: ClassVar[tuple[str, ...]] = ()

@@ -72,6 +72,13 @@ def base_kind(module: nn.Module) -> str | None:
 class AdapterLayer(CoModule):
     """Base of the adapter layers; subclasses implement the per-method hooks.
 
+    Example:
+        >>> import torch
+        >>> from costream.prune.adapters import AdapterLayer, SPLoRAConfig, add_adapters
+        >>> net = add_adapters(torch.nn.Sequential(torch.nn.Linear(4, 3)), SPLoRAConfig(rank=2))
+        >>> isinstance(net[0], AdapterLayer)
+        True
+
     Subclasses define ``_create`` (adapter parameters of one target), ``delta`` (the update of
     one target weight, full shape) and ``_slice`` (keep rows or columns of a target's adapter
     parameters). They may override ``adapted`` (default: weight + delta).

@@ -42,7 +42,15 @@ def lopa_update(scales: Tensor, u: Tensor, v: Tensor) -> Tensor:
 
 
 class PrototypeBank(nn.Module):
-    """``num_prototypes`` low-rank ``block_size``-square prototypes ``U_k V_k`` (shared)."""
+    """``num_prototypes`` low-rank ``block_size``-square prototypes ``U_k V_k`` (shared).
+
+    Example:
+        >>> import torch
+        >>> from costream.prune.adapters import PrototypeBank, SPLoPAConfig
+        >>> bank = PrototypeBank(SPLoPAConfig(), torch.float32, torch.device("cpu"))
+        >>> isinstance(bank, torch.nn.Module)
+        True
+    """
 
     def __init__(self, config: SPLoPAConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
