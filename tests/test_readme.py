@@ -24,8 +24,30 @@ def test_readme_starts_with_the_two_setup_commands():
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).strip().splitlines()
     assert len(first_block) == 2
     assert first_block[0].startswith("pip install torch==2.13.0")
-    assert "costream demo" in first_block[0]
+    assert first_block[0] == "pip install torch==2.13.0 && pip install -e . && costream bench"
     assert "pytest" in first_block[1]
+
+
+def test_readme_references_every_committed_result_with_its_command():
+    text = README.read_text()
+    for page in sorted((README.parent / "benchmarks" / "results").glob("*.md")):
+        if page.stem.endswith("_quick"):
+            continue
+        assert f"benchmarks/results/{page.name}" in text, f"README does not link {page.name}"
+        command = re.search(r"`((?:costream|python) [^`]+)`", page.read_text()).group(1)
+        program = command.split(" --")[0]  # options such as --wait-quiet vary between runs
+        assert program in text, f"README does not give the command of {page.name}: {command}"
+
+
+def test_readme_results_are_the_committed_ones():
+    text = README.read_text()
+    results = README.parent / "benchmarks" / "results"
+    for name in ("bench.md", "moving_digits.md"):
+        page = (results / name).read_text()
+        rows = [line for line in page.splitlines() if line.startswith("| ")]
+        assert rows, name
+        missing = [row for row in rows if row not in text]
+        assert not missing, f"README tables differ from benchmarks/results/{name}: {missing}"
 
 
 def test_demo_is_exact(capsys):

@@ -152,10 +152,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, help="steady-state steps timed per model")
     p.add_argument("--frame-shape", type=_shape, default=None,
                    help="input frame C,H,W (or C) for package.module:function models")
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write the results as JSON to PATH (no PATH: print JSON, no table)")
-    p.add_argument("--csv", nargs="?", const="-", default=None, metavar="PATH",
-                   help="write the results as CSV to PATH (no PATH: print CSV, no table)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the results as JSON to PATH (-: print JSON instead of the table)")
+    p.add_argument("--csv", default=None, metavar="PATH",
+                   help="write the results as CSV to PATH (-: print CSV instead of the table)")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="write the results as a Markdown page (command, machine, table)")
     p.add_argument("--plot", default=None, metavar="PATH",
                    help="plot latency and speedup against window length, and MAC reduction vs "
                         "measured speedup (needs matplotlib)")
@@ -167,17 +169,24 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     import shlex
+    import textwrap
     import time
 
-    from .bench import format_table, plot_bench, run_bench, to_csv, to_json
+    from .bench import format_table, plot_bench, run_bench, to_csv, to_json, to_markdown
+    from .bench._report import NOTES
 
+    if args.plot:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise SystemExit("--plot needs matplotlib: pip install matplotlib")
     t0 = time.perf_counter()
     rows = run_bench(args.models or None, batch_size=args.batch_size, threads=args.threads,
                      device=args.device, steps=args.steps, progress=not args.no_progress,
                      frame_shape=args.frame_shape,
                      window_factors=args.windows if args.plot else (), seed=args.seed)
     elapsed = time.perf_counter() - t0
-    command = "costream bench" + "".join(f" {shlex.quote(a)}" for a in sys.argv[2:])
+    command = " ".join(["costream", *(shlex.quote(a) for a in args.argv)])
     if args.json:
         text = to_json(rows, None if args.json == "-" else args.json, command=command)
         if args.json == "-":
@@ -186,19 +195,17 @@ def _bench(args: argparse.Namespace) -> int:
         text = to_csv(rows, None if args.csv == "-" else args.csv)
         if args.csv == "-":
             print(text, end="")
+    if args.markdown:
+        to_markdown(rows, args.markdown, command=command, seconds=elapsed)
     if args.plot:
         plot_bench(rows, args.plot)
     failed = [r["model"] for r in rows if not r["exact"]]
     if "-" not in (args.json, args.csv):
         threads = rows[0]["threads"] if rows else args.threads
-        print(f"costream bench: {len(rows)} models, batch {args.batch_size}, {threads} threads, "
+        print(f"costream bench: {len(rows)} models, batch {args.batch_size}, threads {threads}, "
               f"{args.device}, random weights, float32")
         print(format_table(rows))
-        print("MACs: ptflops convention (multiply-accumulates incl. element-wise layers); "
-              "ms: medians under torch.inference_mode(); speedup = ms/clip / ms/step; "
-              "state: bytes of the stream state; max |step - offline|: stepped outputs vs "
-              "forward() over the same stream, ok = within float32 tolerance "
-              "(|d| <= 1e-5 + 1e-4 |offline|).")
+        print(textwrap.fill(NOTES.replace("`", ""), width=100))
         verdict = f"FAILED exactness: {', '.join(failed)}" if failed else "all exact"
         print(f"{verdict}; {elapsed:.0f} s in total.")
         if args.plot:
@@ -237,7 +244,11 @@ def _convert(args: argparse.Namespace) -> int:
 
     model = build_source(args.model).eval()
     options = {} if args.temporal_window is None else {"temporal_window": args.temporal_window}
-    net = continual(model, **options).eval()
+    try:
+        net = continual(model, **options).eval()
+    except (TypeError, ValueError) as err:
+        print(f"FAIL: cannot convert {args.model}: {err}")
+        return 1
     shape = args.frame_shape or _infer_frame_shape(net, args.model)
     geom = net.temporal
     frames = args.frames or 2 * geom.receptive_field + geom.stride
@@ -330,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p = sub.add_parser(name, help=getattr(run, "help_text", None))
         add_arguments(p)
         runners[name] = run
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     return runners[args.command](args)
 
 

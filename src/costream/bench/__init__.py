@@ -1,4 +1,8 @@
-"""Measuring tools for benchmarks: MAC counts of offline and continual networks.
+"""Measuring tools for benchmarks: MAC counts, and the ``costream bench`` harness.
+
+MAC counters for offline and continual networks, and :func:`run_bench`, which measures cost,
+latency, state memory and exactness of continual models against their offline computation
+(the library side of ``costream bench``; plots with :func:`plot_bench` need matplotlib).
 
 Not imported by ``import costream``; import ``costream.bench`` explicitly.
 
@@ -13,5 +17,14 @@ Example:
 """
 
 from ._macs import count_macs, step_macs, theoretical_step_macs
+from ._plot import plot_bench
+from ._ptflops import PtflopsCounter, ptflops_macs, ptflops_step_macs
+from ._report import format_table, to_csv, to_json, to_markdown
+from ._run import run_bench, state_bytes
+from ._workloads import Workload, load_converted, resolve_workload
 
-__all__ = ["count_macs", "step_macs", "theoretical_step_macs"]
+__all__ = [
+    "PtflopsCounter", "Workload", "count_macs", "format_table", "load_converted", "plot_bench",
+    "ptflops_macs", "ptflops_step_macs", "resolve_workload", "run_bench", "state_bytes",
+    "step_macs", "theoretical_step_macs", "to_csv", "to_json", "to_markdown",
+]

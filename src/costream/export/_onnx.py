@@ -55,6 +55,16 @@ def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[in
 
     Returns:
         The manifest (also written next to the model).
+
+    Example:
+        >>> import os, tempfile, costream as cs
+        >>> from costream.export import export_onnx
+        >>> path = os.path.join(tempfile.mkdtemp(), "conv.onnx")
+        >>> manifest = export_onnx(cs.Conv1d(2, 3, 3), path, frame_shape=(2,))
+        >>> manifest["delay"], manifest["frames_per_call"], len(manifest["state"])
+        (2, 1, 1)
+        >>> os.path.exists(path + ".json")
+        True
     """
     if not isinstance(module, CoModule):
         raise TypeError("export_onnx needs a continual module (use costream.continual first)")

@@ -81,7 +81,21 @@ def _check_fingerprint(path: Any, got: dict[str, Any], expected: dict[str, Any])
 
 
 def save_engine(engine: StreamEngine, path: str | os.PathLike) -> None:
-    """Save every stream slot of ``engine`` (open or not) to ``path``."""
+    """Save every stream slot of ``engine`` (open or not) to ``path``.
+
+    Example:
+        >>> import os, tempfile, torch, costream as cs
+        >>> from costream.runtime import StreamEngine, load_engine, save_engine
+        >>> engine = StreamEngine(cs.Conv1d(2, 3, 3), capacity=2, frame_shape=(2,))
+        >>> slot = engine.open()
+        >>> _ = engine.step({slot: torch.randn(2)})
+        >>> path = os.path.join(tempfile.mkdtemp(), "engine.pt")
+        >>> save_engine(engine, path)
+        >>> restored = StreamEngine(cs.Conv1d(2, 3, 3), capacity=2, frame_shape=(2,))
+        >>> load_engine(restored, path)
+        >>> restored.ready(slot)
+        False
+    """
     state = engine.state_dict()
     leaves = [t.cpu() for _, t in tree_leaves(state["tree"])]
     _write(path, {"format": FORMAT, "kind": "engine",
@@ -92,7 +106,25 @@ def save_engine(engine: StreamEngine, path: str | os.PathLike) -> None:
 
 
 def load_engine(engine: StreamEngine, path: str | os.PathLike) -> None:
-    """Resume the streams saved by :func:`save_engine` into ``engine`` (same module/config)."""
+    """Resume the streams saved by :func:`save_engine` into ``engine`` (same module/config).
+
+    Example:
+        >>> import os, tempfile, torch, costream as cs
+        >>> from costream.runtime import StreamEngine, load_engine, save_engine
+        >>> net = cs.Conv1d(2, 3, 3)
+        >>> engine = StreamEngine(net, capacity=1, frame_shape=(2,))
+        >>> slot = engine.open()
+        >>> frames = torch.randn(4, 2)
+        >>> _ = [engine.step({slot: f}) for f in frames[:2]]
+        >>> path = os.path.join(tempfile.mkdtemp(), "engine.pt")
+        >>> save_engine(engine, path)
+        >>> resumed = StreamEngine(net, capacity=1, frame_shape=(2,))
+        >>> load_engine(resumed, path)
+        >>> a = [engine.step({slot: f})[slot] for f in frames[2:]]
+        >>> b = [resumed.step({slot: f})[slot] for f in frames[2:]]
+        >>> all(torch.equal(x, y) for x, y in zip(a, b))
+        True
+    """
     payload = _read(path)
     if payload.get("kind") != "engine":
         raise ValueError(f"{path} holds a single module's streams, not an engine's")
@@ -134,7 +166,22 @@ def save_stream(module: CoModule, path: str | os.PathLike) -> None:
 
 
 def load_stream(module: CoModule, path: str | os.PathLike) -> None:
-    """Resume the streams saved by :func:`save_stream` in ``module``."""
+    """Resume the streams saved by :func:`save_stream` in ``module``.
+
+    Example:
+        >>> import os, tempfile, torch, costream as cs
+        >>> from costream.runtime import load_stream, save_stream
+        >>> conv, x = cs.Conv1d(2, 2, 3), torch.randn(1, 2, 6)
+        >>> _ = conv.forward_steps(x[:, :, :3])
+        >>> path = os.path.join(tempfile.mkdtemp(), "stream.pt")
+        >>> save_stream(conv, path)
+        >>> copy = cs.Conv1d(2, 2, 3)
+        >>> copy.load_state_dict(conv.state_dict())
+        <All keys matched successfully>
+        >>> load_stream(copy, path)
+        >>> torch.equal(copy.forward_steps(x[:, :, 3:]), conv.forward_steps(x[:, :, 3:]))
+        True
+    """
     payload = _read(path)
     if payload.get("kind") != "module":
         raise ValueError(f"{path} holds an engine's streams, not a single module's")

@@ -28,7 +28,14 @@ from ..core._module import CoModule
 
 
 def tolerances(dtype: torch.dtype) -> dict[str, float]:
-    """``rtol``/``atol`` for comparing a stepped and an offline result in ``dtype``."""
+    """``rtol``/``atol`` for comparing a stepped and an offline result in ``dtype``.
+
+    Example:
+        >>> import torch
+        >>> from costream.testing import tolerances
+        >>> tolerances(torch.float32)
+        {'rtol': 0.0001, 'atol': 1e-05}
+    """
     if dtype == torch.float64:
         return {"rtol": 1e-10, "atol": 1e-10}
     if dtype in (torch.float16, torch.bfloat16):

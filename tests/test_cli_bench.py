@@ -1,0 +1,122 @@
+"""The console script's bench, convert and info subcommands on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from costream.bench import load_converted
+from costream.cli import main
+
+MODEL = '''
+import torch
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv3d(8, 4, (3, 1, 1), stride=(2, 1, 1)))
+def build_1d():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv1d(5, 8, 3), torch.nn.ReLU(),
+                               torch.nn.Conv1d(8, 2, 3, dilation=2))
+class Future(torch.nn.Module):
+    def forward(self, x):
+        return x.flip(2)
+def not_streamable():
+    return torch.nn.Sequential(torch.nn.Conv1d(2, 2, 3), Future())
+'''
+
+
+@pytest.fixture
+def user_model(tmp_path, monkeypatch):
+    (tmp_path / "bench_user_model.py").write_text(MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "bench_user_model"
+    sys.modules.pop("bench_user_model", None)
+
+
+def test_bench_prints_the_table(user_model, tmp_path, capsys):
+    args = ["bench", f"{user_model}:build", "--frame-shape", "3,8,8", "--steps", "4",
+            "--threads", "1", "--no-progress", "--json", str(tmp_path / "r.json"),
+            "--csv", str(tmp_path / "r.csv"), "--plot", str(tmp_path / "r.png")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| model" in out and "| build" in out and "MAC reduction" in out
+    assert "all exact" in out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    [row] = doc["results"]
+    assert row["exact"] and row["stride"] == 2 and row["frame_shape"] == [3, 8, 8]
+    assert doc["command"].startswith(f"costream bench {user_model}:build --frame-shape 3,8,8")
+    [record] = csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text()))
+    assert record["model"] == "build"
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_json_and_csv_to_stdout(user_model, capsys):
+    assert main(["bench", f"{user_model}:build_1d", "--steps", "3", "--threads", "1",
+                 "--no-progress", "--json", "-"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    [row] = doc["results"]
+    assert row["receptive_field"] == 7 and row["frame_shape"] == [5]
+    assert main(["bench", f"{user_model}:build_1d", "--steps", "3", "--threads", "1",
+                 "--no-progress", "--csv", "-"]) == 0
+    [record] = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert record["exact"] == "True"
+
+
+def test_convert_verify_save_and_load(user_model, tmp_path, capsys):
+    out = tmp_path / "models" / "co.pt"
+    assert main(["convert", f"{user_model}:build", "--frame-shape", "3,8,8",
+                 "--out", str(out)]) == 0
+    assert "OK:" in capsys.readouterr().out
+    spec = json.loads((tmp_path / "models" / "co.pt.json").read_text())
+    assert spec["source"] == f"{user_model}:build"
+    assert spec["frame_shape"] == [3, 8, 8]
+    assert (spec["receptive_field"], spec["delay"], spec["stride"]) == (5, 3, 2)
+    assert spec["verified"]["max_abs_diff"] <= 1e-5
+
+    net, loaded_spec = load_converted(out)
+    assert loaded_spec == spec
+    source = __import__(user_model).build().eval()
+    x = torch.randn(1, 3, 9, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward_steps(x, pad_end=True), source(x),
+                                   rtol=1e-4, atol=1e-5)
+
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "receptive field  5 frames" in text and "stride           2" in text
+
+
+def test_convert_reports_what_cannot_stream(user_model, tmp_path, capsys):
+    out = tmp_path / "bad.pt"
+    assert main(["convert", f"{user_model}:not_streamable", "--frame-shape", "2",
+                 "--out", str(out)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_info_of_a_zoo_model_as_json(capsys):
+    assert main(["info", "cox3d_xs", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["receptive_field"] == 60 and info["stride"] == 1
+    assert info["frame_shape"] == [3, 160, 160]
+    assert info["state"] and all(len(t["shape"]) >= 2 for t in info["state"])
+    assert info["state_bytes"] == sum(t["bytes"] for t in info["state"])
+
+
+def test_info_of_a_builtin_workload(capsys):
+    assert main(["info", "tcn"]) == 0
+    text = capsys.readouterr().out
+    assert "receptive field  21 frames" in text
+    assert "delay            20 steps" in text
+    assert "10 tensors" in text
+
+
+def test_bench_unknown_model_fails():
+    with pytest.raises(KeyError, match="unknown model"):
+        main(["bench", "no_such_model", "--no-progress"])
