@@ -145,13 +145,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--backends", nargs="+", default=["tcn", "tiny", "3d_cnn"],
+                   help="workloads timed for eager / compiled / onnxruntime stepping")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     repeats, inner = (3, 2) if args.quick else (9, 5)
     results: dict = {"engine": {}, "backends": {}}
-    for name, factory in WORKLOADS.items():
-        built = factory()
+    for name in args.workloads:
+        built = WORKLOADS[name]()
         if built is None:
             print(f"{name}: skipped (model not available)")
             continue
@@ -161,7 +164,7 @@ def main() -> None:
             results["engine"][name] = bench_engine(model, frame, args.streams,
                                                    repeats, max(1, inner // 2))
             print(name, "engine", results["engine"][name])
-        if name != "cox3d_xs" or not args.quick:
+        if name in args.backends:
             results["backends"][name] = bench_backends(model, frame, repeats, inner)
             print(name, "backends", results["backends"][name])
     results["machine"] = {"torch": torch.__version__, "threads": args.threads,
@@ -187,7 +190,8 @@ def _markdown(r: dict, args: argparse.Namespace) -> str:
     lines = [
         "# Runtime benchmark", "",
         f"Command: `python benchmarks/runtime.py --threads {args.threads} --streams "
-        f"{args.streams}`  ",
+        f"{args.streams} --workloads {' '.join(args.workloads)} --backends "
+        f"{' '.join(args.backends)}`  ",
         f"Machine: {m['cpu']}, torch {m['torch']}, {m['threads']} threads. Medians of "
         "interleaved repeats.", "",
         f"## {args.streams} streams: engine (one batched step) vs one module per stream", "",
