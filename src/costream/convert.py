@@ -114,13 +114,15 @@ def _sequential(module: nn.Sequential, convert: Callable, **_: Any) -> nn.Module
                                   for name, child in module.named_children()))
 
 
-def _adaptive(cls: type) -> Handler:
+def _windowed(cls: type, unit: str = "frames it pools over") -> Handler:
+    """Handler for a layer that needs the window length (``continual(..., temporal_window=n)``)."""
+
     def handler(module: nn.Module, convert: Callable, temporal_window: int | None = None,
                 **_: Any) -> nn.Module:
         if temporal_window is None:
             raise TypeError(
-                f"converting {type(module).__name__} needs the number of frames it pools over "
-                f"online: continual(model, temporal_window=...)"
+                f"converting {type(module).__name__} needs the number of {unit} online: "
+                f"continual(model, temporal_window=n)"
             )
         return cls.from_torch(module, temporal_window)
 
@@ -141,27 +143,13 @@ for _n in (1, 2, 3):
         register_handler(getattr(nn, f"{_kind}Pool{_n}d"),
                          _from_torch(getattr(_pool, f"{_kind}Pool{_n}d")))
         register_handler(getattr(nn, f"Adaptive{_kind}Pool{_n}d"),
-                         _adaptive(getattr(_pool, f"Adaptive{_kind}Pool{_n}d")))
+                         _windowed(getattr(_pool, f"Adaptive{_kind}Pool{_n}d")))
 register_handler(nn.Linear, _from_torch(_frame.Linear))
-
-
-def _windowed(cls: type) -> Handler:
-    """Handler for a sequence layer that attends over a window of ``temporal_window`` tokens."""
-
-    def handler(module: nn.Module, convert: Callable, temporal_window: int | None = None,
-                **_: Any) -> nn.Module:
-        if temporal_window is None:
-            raise TypeError(
-                f"converting {type(module).__name__} needs the number of tokens it attends over "
-                f"online: continual(model, temporal_window=n)"
-            )
-        return cls.from_torch(module, temporal_window)
-
-    return handler
-
-
-register_handler(nn.MultiheadAttention, _windowed(_attention.SingleOutputMultiheadAttention))
-register_handler(nn.TransformerEncoderLayer, _windowed(_transformer.TransformerEncoderLayer))
-register_handler(nn.TransformerEncoder, _windowed(_transformer.TransformerEncoder))
+_TOKENS = "tokens it attends over"
+register_handler(nn.MultiheadAttention,
+                 _windowed(_attention.SingleOutputMultiheadAttention, _TOKENS))
+register_handler(nn.TransformerEncoderLayer,
+                 _windowed(_transformer.TransformerEncoderLayer, _TOKENS))
+register_handler(nn.TransformerEncoder, _windowed(_transformer.TransformerEncoder, _TOKENS))
 for _torch_rnn in ("RNN", "LSTM", "GRU"):
     register_handler(getattr(nn, _torch_rnn), _from_torch(getattr(_rnn, _torch_rnn)))
