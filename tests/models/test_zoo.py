@@ -31,7 +31,7 @@ def stream_for(model: nn.Module, batch: int, extra: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, t, SIZE, SIZE, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list_models(family="video"))
 def test_registered_model_streams_exactly(name: str) -> None:
     model = small(name)
     assert not model.training, "create_model returns eval-mode models"

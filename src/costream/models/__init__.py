@@ -21,12 +21,13 @@ Example:
 from ._checkpoints import CheckpointError, load_checkpoint, map_checkpoint
 from ._kinetics import kinetics400_classes
 from ._layers import fold_batch_norm
-from ._registry import create_model, list_models, register_model
+from ._registry import create_model, list_models, model_family, register_model
 from ._resnet3d import ResNet3D
 from ._se import SqueezeExcitation
 from ._x3d import X3D
 
 __all__ = [
     "CheckpointError", "ResNet3D", "SqueezeExcitation", "X3D", "create_model", "fold_batch_norm",
-    "kinetics400_classes", "list_models", "load_checkpoint", "map_checkpoint", "register_model",
+    "kinetics400_classes", "list_models", "load_checkpoint", "map_checkpoint", "model_family",
+    "register_model",
 ]

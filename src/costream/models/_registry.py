@@ -17,12 +17,19 @@ from torch import nn
 
 ModelFn = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFn] = {}
+_FAMILIES: dict[str, str] = {}
+
+#: What a model family consumes per step: ``"video"`` (frames ``(C, H, W)``), ``"skeleton"``
+#: (joint coordinates ``(C, V, M)``) or ``"features"`` (feature vectors ``(C,)``).
+FAMILIES = ("video", "skeleton", "features")
 
 
-def register_model(fn: ModelFn) -> ModelFn:
+def register_model(fn: ModelFn | None = None, *, family: str = "video") -> Any:
     """Register ``fn`` under its ``__name__`` (usable as a decorator); names are unique.
 
-    Registered models are built by :func:`create_model` and checked by the zoo's tests.
+    Registered models are built by :func:`create_model` and checked by the zoo's tests, which
+    pick their test inputs by the model's ``family`` (one of ``"video"``, ``"skeleton"``,
+    ``"features"``). Use ``@register_model(family="skeleton")`` for other families.
 
     Example:
         >>> from costream.models import X3D, create_model, register_model
@@ -32,22 +39,49 @@ def register_model(fn: ModelFn) -> ModelFn:
         >>> create_model("my_cox3d_s_replicate").temporal_fill
         'replicate'
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if fn is None:
+        return lambda f: register_model(f, family=family)
     name = fn.__name__
     if name in _MODELS:
         raise ValueError(f"a model named {name!r} is already registered")
     _MODELS[name] = fn
+    _FAMILIES[name] = family
     return fn
 
 
-def list_models(pattern: str = "*") -> list[str]:
+def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
     """Names of the registered models matching the shell-style ``pattern``, sorted.
+
+    Args:
+        pattern: shell-style pattern on the name.
+        family: only models of this family (``"video"``, ``"skeleton"``, ``"features"``).
 
     Example:
         >>> from costream.models import list_models
         >>> list_models("cox3d_*")
         ['cox3d_l', 'cox3d_m', 'cox3d_s', 'cox3d_xs']
+        >>> "x3d_s" in list_models(family="video")
+        True
     """
-    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern))
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return sorted(n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)
+                  and (family is None or _FAMILIES[n] == family))
+
+
+def model_family(name: str) -> str:
+    """The family (``"video"``, ``"skeleton"`` or ``"features"``) of the registered ``name``.
+
+    Example:
+        >>> from costream.models import model_family
+        >>> model_family("cox3d_s")
+        'video'
+    """
+    if name not in _FAMILIES:
+        raise KeyError(f"unknown model {name!r}")
+    return _FAMILIES[name]
 
 
 def create_model(name: str, *, checkpoint: str | Path | Mapping[str, Any] | None = None,
