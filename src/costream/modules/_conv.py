@@ -204,12 +204,12 @@ class _CoConvNd(CoModule):
         params = self._parameters
         w, b = self._cache.get(params["weight"], params["bias"])
         z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
-        n, c, k = x.shape[0], self.out_channels, self._k
-        z[:, c:].add_(state["psum"].view(n, -1))
-        new = {"psum": z[:, : (k - 1) * c].view(n, 1, k - 1, c)}
+        n, c, span = x.shape[0], self.out_channels, self._span
+        z.narrow(1, c, span * c).add_(state["psum"].view(n, span * c))
+        new = {"psum": z.narrow(1, 0, span * c).view(n, 1, span, c)}
         if self.padding_mode == "replicate":
             new["last"] = x
-        return z[:, (k - 1) * c:], new, None, phase - self._span + self._tpad[0]
+        return z.narrow(1, span * c, c), new, None, phase - span + self._tpad[0]
 
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int):
         """Like :meth:`_update`, computing only the taps that reach an emitted output."""
