@@ -1,0 +1,43 @@
+"""Kernels derived from parameters follow every way the parameters can change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import costream as cs
+
+
+def _stream(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    conv.reset_state()
+    with torch.inference_mode():
+        return conv.forward_steps(x, pad_end=True)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: cs.Conv1d(3, 4, 3, padding=1),            # the lean addmm step
+    lambda: cs.Conv1d(3, 4, 3, padding=1, groups=1, dilation=2),
+    lambda: cs.Conv3d(3, 4, (3, 1, 1), padding=(1, 0, 0)),
+])
+@pytest.mark.parametrize("change", ["in_place", "replace", "load_state_dict", "bias_in_place"])
+def test_stepping_sees_changed_parameters(make, change: str) -> None:
+    torch.manual_seed(0)
+    conv = make().double()
+    shape = (2, 3, 9) + (5, 5) * (conv.weight.dim() == 5)
+    x = torch.randn(shape, dtype=torch.float64)
+    first = _stream(conv, x)
+    assert torch.allclose(first, conv(x), atol=1e-10)
+    new_w = torch.randn_like(conv.weight)
+    with torch.no_grad():
+        if change == "in_place":
+            conv.weight.copy_(new_w)
+        elif change == "replace":
+            conv.weight = nn.Parameter(new_w)
+        elif change == "load_state_dict":
+            conv.load_state_dict({"weight": new_w, "bias": torch.randn_like(conv.bias)})
+        else:
+            conv.bias.add_(1.0)
+    second = _stream(conv, x)
+    assert not torch.allclose(second, first)
+    assert torch.allclose(second, conv(x), atol=1e-10)
