@@ -104,7 +104,8 @@ def test_bad_options_are_rejected() -> None:
 # ------------------------------------------------------------------ the zoo's conv variants
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize(("cls", "kwargs", "size"), [
-    (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 20),  # split taps
+    (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 21),  # split taps
+    (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 20),  # one call, all taps
     (DepthwiseConv3d, {"kernel_size": 3, "stride": (1, 2, 2), "padding": 1, "groups": 6}, 9),
     (DepthwiseConv3d, {"kernel_size": (5, 1, 1), "padding": (2, 0, 0), "groups": 6}, 7),
     (GemmConv3d, {"kernel_size": (3, 1, 1), "padding": (1, 0, 0)}, 7),
