@@ -140,7 +140,7 @@ class GemmConv3d(cs.Conv3d):
         return y.permute(0, 3, 1, 2).view(n, 1, kc // self.out_channels, self.out_channels, h, w)
 
 
-_SMALL_MAP = 400  # pixels per frame (20 x 20) up to which DepthwiseConv3d runs one call for all taps
+_SMALL_MAP = 400  # pixels per frame (20 x 20) up to which DepthwiseConv3d makes one call
 
 
 class DepthwiseConv3d(cs.Conv3d):

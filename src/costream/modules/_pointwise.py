@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
+import torch
 from torch import Tensor, nn
 
 _POINTWISE: set[type[nn.Module]] = {
@@ -64,15 +64,18 @@ class _BatchNormStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         bn = self.bn
-        if bn.training and (bn.track_running_stats is False or bn.running_mean is None):
-            raise RuntimeError("stepping needs BatchNorm with running statistics")
-        if bn.training:
+        buffers = bn._buffers  # direct lookups: nn.Module.__getattr__ is slow per step
+        if bn.training or buffers.get("running_mean") is None:
+            if buffers.get("running_mean") is None:
+                raise RuntimeError("stepping needs BatchNorm with running statistics")
             raise RuntimeError(
                 f"{type(bn).__name__} in training mode normalises over the batch and time of a "
                 f"clip; call .eval() before stepping"
             )
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0,
-                            bn.eps)
+        params = bn._parameters
+        return torch.batch_norm(x, params.get("weight"), params.get("bias"),
+                                buffers["running_mean"], buffers["running_var"], False, 0.0,
+                                bn.eps, torch.backends.cudnn.enabled)
 
 
 class _DropoutStep:
