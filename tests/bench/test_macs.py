@@ -112,3 +112,35 @@ def test_docstring_examples() -> None:
 def test_import_costream_does_not_import_bench() -> None:
     code = "import sys, costream; sys.exit('costream.bench' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ------------------------------------------------------------------ attention in the ptflops count
+def _attention_macs(b: int, length: int, e: int, h: int, ffn: int | None) -> int:
+    """Hand count: projections, scaled q and k, Q K^T, softmax, A V, output projection
+    (and for an encoder layer two residual sums, two affine layer norms, the feed-forward)."""
+    tokens, dh = b * length, e // h
+    attention = (3 * tokens * (e * e + e) + tokens * (e * e + e)
+                 + b * h * (2 * length * dh + length * length * (2 * dh + 1)))
+    if ffn is None:
+        return attention
+    return attention + 2 * tokens * e + 4 * tokens * e + tokens * (2 * e * ffn + ffn + e + ffn)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("inference", [False, True])
+def test_attention_is_counted_on_every_path(device: str, inference: bool) -> None:
+    """Fused inference kernels (SDPA, MHA and encoder-layer fast paths) count like the
+    decomposition seen with autograd on."""
+    from costream.bench import PtflopsCounter
+
+    b, length, e, h, ffn = 2, 5, 16, 4, 32
+    x = torch.randn(b, length, e, device=device)
+    mha = nn.MultiheadAttention(e, h, batch_first=True).eval().to(device)
+    layer = nn.TransformerEncoderLayer(e, h, ffn, dropout=0.0, batch_first=True).eval().to(device)
+    with torch.inference_mode(inference):
+        with PtflopsCounter() as counter:
+            mha(x, x, x, need_weights=False)
+        assert counter.total == _attention_macs(b, length, e, h, None)
+        with PtflopsCounter() as counter:
+            layer(x)
+        assert counter.total == _attention_macs(b, length, e, h, ffn)

@@ -20,6 +20,11 @@ pooling (also ``mean``)     one per input element
 element-wise arithmetic     one per output element (``add``, ``sub``, ``mul``, ``div``
                             of floating-point tensors: residual sums, SE gating,
                             the partial-sum updates of continual convolutions)
+attention                   per batch and head: ``Q K^T`` and ``A V`` (``L x S x d``
+                            each), the softmax and the mask (one per score), and
+                            the scaling of queries and keys; fused kernels
+                            (``scaled_dot_product_attention``, the ``nn``
+                            Transformer fast paths) count as their decomposition
 ==========================  =====================================================
 
 The last row follows ptflops 0.7, which counts ``torch.add`` / ``torch.mul`` calls; counting
@@ -101,6 +106,50 @@ def _elementwise(args: tuple, kwargs: dict, out: Any) -> int:
     return out.numel() if isinstance(out, Tensor) and out.is_floating_point() else 0
 
 
+def _attention_core(bh: int, length: int, source: int, dk: int, dv: int, masked: bool) -> int:
+    """Scaled dot-product attention as its math decomposition counts it: scaling of queries
+    and keys, ``Q K^T``, the (optional) mask sum, the softmax and ``A V``."""
+    return bh * (length * dk + source * dk + length * source * (dk + 1 + dv + int(masked)))
+
+
+def _sdpa(args: tuple, kwargs: dict, out: Any, mask_at: int = 3) -> int:
+    q, k, v = args[:3]
+    mask = args[mask_at] if len(args) > mask_at else kwargs.get("attn_mask")
+    length, dk = q.shape[-2], q.shape[-1]
+    bh = q.numel() // max(length * dk, 1)
+    return _attention_core(bh, length, k.shape[-2], dk, v.shape[-1], mask is not None)
+
+
+def _sdpa_cpu(args: tuple, kwargs: dict, out: Any) -> int:
+    # (query, key, value, dropout_p, is_causal, attn_mask, scale)
+    return _sdpa(args, kwargs, out, mask_at=5)
+
+
+def _native_mha(args: tuple, kwargs: dict, out: Any) -> int:
+    """``nn.MultiheadAttention``'s fused inference path: projections, attention, output."""
+    query, key = args[0], args[1]
+    e, h = int(args[3]), int(args[4])
+    mask = args[9] if len(args) > 9 else kwargs.get("mask")
+    b, length = query.shape[0], query.shape[1]
+    source = key.shape[1]
+    proj = b * length * (e * e + e) + 2 * b * source * (e * e + e)
+    core = _attention_core(b * h, length, source, e // h, e // h, mask is not None)
+    return proj + core + b * length * (e * e + e)
+
+
+def _native_encoder_layer(args: tuple, kwargs: dict, out: Any) -> int:
+    """``nn.TransformerEncoderLayer``'s fused inference path: attention, two residual sums,
+    two layer norms and the feed-forward block."""
+    src, e, h = args[0], int(args[1]), int(args[2])
+    ffn = args[14].shape[0]  # ffn_weight_1 (F, E)
+    mask = args[18] if len(args) > 18 else kwargs.get("mask")
+    b, length = src.shape[0], src.shape[1]
+    tokens = b * length
+    attention = _native_mha((src, src, src, e, h), {"mask": mask}, None)
+    feed_forward = tokens * (e * ffn + ffn) + tokens * ffn + tokens * (ffn * e + e)
+    return attention + 2 * tokens * e + 2 * 2 * tokens * e + feed_forward
+
+
 _RULES: dict[Any, Callable[[tuple, dict, Any], int]] = {}
 
 
@@ -134,6 +183,14 @@ _register(["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
            "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
            "adaptive_max_pool2d", "adaptive_max_pool3d", "mean"], _pool)
 _register(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"], _elementwise)
+_register(["_safe_softmax"], _activation)
+# fused attention kernels (inference mode) count as their decomposition (autograd on) does
+_register(["scaled_dot_product_attention", "_scaled_dot_product_attention_math",
+           "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+           "_scaled_dot_product_cudnn_attention"], _sdpa)
+_register(["_scaled_dot_product_flash_attention_for_cpu"], _sdpa_cpu)
+_register(["_native_multi_head_attention"], _native_mha)
+_register(["_transformer_encoder_layer_fwd"], _native_encoder_layer)
 
 
 class PtflopsCounter(TorchDispatchMode):

@@ -31,7 +31,6 @@ import torch
 from torch import Tensor, nn
 
 from ..testing import tolerances
-from . import _ptflops
 from ._ptflops import PtflopsCounter
 from ._workloads import DEFAULT_MODELS, Workload, resolve_workload
 
@@ -41,36 +40,10 @@ __all__ = ["MAX_WINDOW_MACS", "run_bench", "state_bytes"]
 MAX_WINDOW_MACS = 6e10
 
 # ---------------------------------------------------------------------------- counting
-_SDPA = ("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
-         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-
-
-class _Counter(PtflopsCounter):
-    """:class:`PtflopsCounter` that also counts fused attention where it has no rule for it:
-    ``Q K^T`` and ``A V`` (``L x S x E`` and ``L x S x Ev`` per batch and head) and the
-    softmax (one per score)."""
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
-                           kwargs: dict | None = None) -> Any:
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        packet = func.overloadpacket
-        if packet.__name__ in _SDPA and packet not in _ptflops._RULES:
-            q, k, v = args[:3]
-            length, source = q.shape[-2], k.shape[-2]
-            heads = q.numel() // (length * q.shape[-1])
-            macs = heads * length * source * (q.shape[-1] + v.shape[-1] + 1)
-            self.total += macs
-            self.by_op[packet.__name__] += macs
-        return out
-
-
 def _clip_macs(net: nn.Module, clip: Tensor) -> int:
-    """MACs of ``net(clip)``; with autograd on where torch would take its fused (uncounted)
-    Transformer inference path."""
-    fused = any(isinstance(m, nn.MultiheadAttention) for m in net.modules())
-    with torch.inference_mode(not fused), torch.set_grad_enabled(fused), _Counter() as counter:
-        net(clip.clone() if fused else clip)
+    """MACs of ``net(clip)`` (fused attention kernels included, see :class:`PtflopsCounter`)."""
+    with torch.inference_mode(), PtflopsCounter() as counter:
+        net(clip)
     return counter.total
 
 
@@ -220,7 +193,7 @@ def _measure(w: Workload, batch_size: int, steps: int, device: torch.device,
     frames = [x[:, :, t] for t in range(stream_len)]
 
     stage("MACs")
-    with _Counter() as counter:
+    with PtflopsCounter() as counter:
         for t in range(stride):
             net.forward_step(frames[t])
     row["macs_step"] = counter.total / stride
