@@ -41,3 +41,4 @@ def test_dropout_in_training_mode_refuses_to_step() -> None:
     net = cs.continual(nn.Sequential(nn.Conv1d(3, 4, 3), nn.Dropout(0.5))).train()
     with pytest.raises(RuntimeError, match="dropout in training mode"):
         net.forward_steps(torch.randn(1, 3, 4))
+

@@ -92,6 +92,9 @@ class Linear(_FrameMap, nn.Linear):
         return F.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
 
     def _map_clip(self, x: Tensor) -> Tensor:
+        if x.dim() < 3 or x.shape[1] != self.in_features:
+            raise ValueError(f"Linear expects clips (B, {self.in_features}, T, ...) with the "
+                             f"channels on dim 1, got shape {tuple(x.shape)}")
         return F.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
 
 
