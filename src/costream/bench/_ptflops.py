@@ -183,6 +183,9 @@ _register(["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
            "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool1d",
            "adaptive_max_pool2d", "adaptive_max_pool3d", "mean"], _pool)
 _register(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"], _elementwise)
+_onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+if _onednn_linear is not None:  # the oneDNN linear the skeleton zoo steps its frames with
+    _RULES[_onednn_linear] = _linear
 _register(["_safe_softmax"], _activation)
 # fused attention kernels (inference mode) count as their decomposition (autograd on) does
 _register(["scaled_dot_product_attention", "_scaled_dot_product_attention_math",

@@ -19,15 +19,28 @@ Example:
 """
 
 from ._checkpoints import CheckpointError, load_checkpoint, map_checkpoint
+from ._graphs import SkeletonGraph, skeleton_graph
 from ._kinetics import kinetics400_classes
 from ._layers import fold_batch_norm
+from ._oadtr import CoOadTR, OadTR
 from ._registry import create_model, list_models, model_family, register_model
 from ._resnet3d import ResNet3D
 from ._se import SqueezeExcitation
+from ._skeleton_data import SkeletonDataset, bone_stream
+from ._stgcn import STGCN
+from ._thumos import (
+    ThumosFeatures,
+    average_precision,
+    load_thumos_features,
+    pad_start,
+    per_frame_map,
+)
 from ._x3d import X3D
 
 __all__ = [
-    "CheckpointError", "ResNet3D", "SqueezeExcitation", "X3D", "create_model", "fold_batch_norm",
-    "kinetics400_classes", "list_models", "load_checkpoint", "map_checkpoint", "model_family",
-    "register_model",
+    "CheckpointError", "CoOadTR", "OadTR", "ResNet3D", "STGCN", "SkeletonDataset",
+    "SkeletonGraph", "SqueezeExcitation", "ThumosFeatures", "X3D", "average_precision",
+    "bone_stream", "create_model", "fold_batch_norm", "kinetics400_classes", "list_models",
+    "load_checkpoint", "load_thumos_features", "map_checkpoint", "model_family", "pad_start",
+    "per_frame_map", "register_model", "skeleton_graph",
 ]

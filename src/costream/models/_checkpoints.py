@@ -7,6 +7,10 @@ Supported layouts (REFERENCE facts; Co3D, arXiv 2106.00050, reuses these weights
   ``blocks.6.*`` (head; I3D has its temporal pool at ``blocks.2``).
 * ``"pyslowfast"``: PySlowFast ``.pyth`` files (X3D, Slow, I3D): ``{"model_state": ...}`` with
   keys ``s1.pathway0_stem.*``, ``s{2-5}.pathway0_res{i}.*``, ``head.*``.
+* ``"stgcn"``: the ST-GCN family (ST-GCN, AGCN, S-TR): ``.pt`` state dicts or Lightning
+  ``.ckpt`` files (``{"state_dict": ...}``, keys possibly prefixed with ``model.``) with keys
+  ``data_bn.*``, ``layers.layerK.{gcn,tcn,residual}.*``, ``fc.*`` (see
+  ``_skeleton_checkpoints.py``).
 * ``"costream"``: a ``state_dict`` of the zoo model itself.
 
 Files are read with ``torch.load(weights_only=True)`` (no code from the file runs). Anything that
@@ -16,6 +20,7 @@ mismatches.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ._resnet3d import ResNet3D
+from ._skeleton_checkpoints import is_stgcn_layout, map_stgcn_keys
 from ._x3d import X3D
 
-Layout = Literal["auto", "pytorchvideo", "pyslowfast", "costream"]
+Layout = Literal["auto", "pytorchvideo", "pyslowfast", "stgcn", "costream"]
 Rule = tuple[str, str | Callable[[re.Match], str]]
 
 # ------------------------------------------------------------------------------ mapping tables
@@ -144,7 +150,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 
     The weights may sit at the top level or under ``model_state`` / ``state_dict`` / ``model``.
     """
-    obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: holds objects other than tensors and plain containers (e.g. a training "
+            f"framework's hyper-parameters), which torch.load(weights_only=True) refuses to "
+            f"unpickle; save its state dict alone from a trusted environment. ({err})") from err
     return _unwrap(obj, str(path))
 
 
@@ -162,12 +174,15 @@ def _unwrap(obj: Any, where: str) -> dict[str, Tensor]:
 
 
 def detect_layout(state: Mapping[str, Tensor]) -> str:
-    """``"pytorchvideo"``, ``"pyslowfast"`` or ``"costream"`` from the keys of ``state``."""
+    """``"pytorchvideo"``, ``"pyslowfast"``, ``"stgcn"`` or ``"costream"`` from the keys of
+    ``state``."""
     keys = list(state)
     if any(k.startswith("blocks.") for k in keys):
         return "pytorchvideo"
     if any(re.match(r"^s\d\.pathway0_", k) for k in keys):
         return "pyslowfast"
+    if is_stgcn_layout(keys):
+        return "stgcn"
     return "costream"
 
 
@@ -183,10 +198,12 @@ def map_checkpoint(state: Mapping[str, Tensor], model: nn.Module,
         ['stem.conv_s.weight']
     """
     layout = detect_layout(state) if layout == "auto" else layout
-    if layout not in ("pytorchvideo", "pyslowfast", "costream"):
+    if layout not in ("pytorchvideo", "pyslowfast", "stgcn", "costream"):
         raise ValueError(f"unknown checkpoint layout {layout!r}")
     if layout == "costream":
         return dict(state)
+    if layout == "stgcn":
+        return map_stgcn_keys(state)
     prefix, block = _tables(model, layout)
     return {_rename(k, prefix, block): v for k, v in state.items()}
 
