@@ -8,6 +8,10 @@ import torch
 from torch import Tensor
 
 
+def _key(sources: tuple[Tensor | None, ...]) -> tuple:
+    return tuple((s.data_ptr(), s._version) if s is not None else None for s in sources)
+
+
 class DerivedCache:
     """Recompute ``fn()`` only when one of the source tensors changed (in place or replaced).
 
@@ -39,8 +43,7 @@ class DerivedCache:
                 return self.value
         self.value = self.fn()
         # identity too: a replaced tensor may reuse the freed address with a fresh version
-        self.key = tuple((s.data_ptr(), s._version) if s is not None else None
-                         for s in sources)
+        self.key = _key(sources)
         self.sources = sources
         return self.value
 
