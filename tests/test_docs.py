@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("costream", "costream.testing", "costream.runtime", "costream.export",
-            "costream.models", "costream.bench", "costream.prune", "costream.prune.adapters")
+            "costream.models", "costream.bench", "costream.prune", "costream.prune.adapters",
+            "costream.prune.hf")
 
 
 def _public(package: str) -> list[tuple[str, object]]:

