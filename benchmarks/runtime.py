@@ -1,214 +1,317 @@
 """Runtime benchmark: the multi-stream engine vs stepping streams one by one, and per-step
 latency of eager, compiled (torch.compile) and onnxruntime stepping.
 
-    python benchmarks/runtime.py              # full run, writes benchmarks/results/runtime.*
-    python benchmarks/runtime.py --quick      # smoke run
+    python benchmarks/runtime.py                    # full run: benchmarks/results/runtime.*
+    python benchmarks/runtime.py --wait-quiet 1800  # the same, once the machine is idle
+    python benchmarks/runtime.py --quick            # smoke run (writes runtime_quick.*)
 
-Medians of interleaved repeats; ratios are measured side by side in the same run.
+Workloads are those of ``costream bench`` (:func:`costream.bench.resolve_workload`): ``tcn``,
+``transformer`` and zoo models such as ``cox3d_xs`` at their native frame size.
+
+* Engine: ``--streams`` streams, all open, stepped for a fixed number of steps after the warm-up:
+  one :class:`costream.runtime.StreamEngine` step (one batched call) against stepping each stream
+  with its own ``forward_step`` (stream holders sharing the network's layers). The one-by-one
+  streams resume from the engine's state after its warm-up, so both continue the same streams
+  and their outputs are compared. Reported: milliseconds per step of all streams (medians of the
+  measured steps, nothing extrapolated). ``name@N`` steps the engine in blocks of ``N`` streams
+  (``StreamEngine(max_batch=N)``).
+* Backends: batch-1 latency per step of eager ``forward_step``, the step compiled with
+  :func:`costream.runtime.compile_step` (inductor) and the ONNX export run in onnxruntime, plus
+  the largest difference of the compiled and onnxruntime outputs from eager stepping.
+
+Ratios are measured side by side (interleaved) in one run. The machine may be shared: each row
+records the CPUs that other processes kept busy while it ran (from ``/proc/stat``, this
+process's own CPU time subtracted).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
-import costream as cs
+from costream.bench import resolve_workload
+from costream.core import tree_map
 from costream.runtime import StreamEngine, compile_step
 
-
-def tcn() -> tuple[nn.Module, tuple[int, ...]]:
-    layers: list[nn.Module] = []
-    for i in range(10):
-        layers += [nn.Conv1d(256, 256, 3, padding=1)] + ([nn.ReLU()] if i < 9 else [])
-    return nn.Sequential(*layers), (256,)
+DEFAULT_ENGINE = ("tcn", "transformer", "cox3d_xs", "cox3d_xs@4")
+DEFAULT_BACKENDS = ("tcn", "transformer", "cox3d_xs")
 
 
-def tiny() -> tuple[nn.Module, tuple[int, ...]]:
-    return nn.Sequential(nn.Conv1d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv1d(16, 16, 3, padding=1), nn.ReLU(),
-                         nn.Conv1d(16, 16, 3, padding=1)), (16,)
+class OtherLoad:
+    """CPUs kept busy by other processes since construction (``None`` without /proc/stat)."""
+
+    def __init__(self) -> None:
+        self.start = self._busy()
+        self.own = sum(os.times()[:4])
+        self.wall = time.perf_counter()
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def others(self) -> float | None:
+        end = self._busy()
+        if self.start is None or end is None:
+            return None
+        own = sum(os.times()[:4]) - self.own
+        return max(0.0, (end - self.start - own) / (time.perf_counter() - self.wall))
 
 
-def cnn3d() -> tuple[nn.Module, tuple[int, ...]]:
-    chs = [3, 24, 24, 48, 48, 96, 96, 96, 96]
-    layers: list[nn.Module] = []
-    for i in range(8):
-        stride = (1, 2, 2) if i in (0, 2, 4) else 1
-        layers += [nn.Conv3d(chs[i], chs[i + 1], 3, stride=stride, padding=1),
-                   nn.BatchNorm3d(chs[i + 1]), nn.ReLU()]
-    return nn.Sequential(*layers), (3, 112, 112)
+def wait_quiet(max_wait: float, threshold: float = 0.5) -> dict[str, Any]:
+    """Wait (up to ``max_wait`` s) until the 1-minute load average is below ``threshold``."""
+    t0 = time.perf_counter()
+    while os.getloadavg()[0] >= threshold and time.perf_counter() - t0 < max_wait:
+        time.sleep(10.0)
+    load = os.getloadavg()[0]
+    return {"waited_s": round(time.perf_counter() - t0, 1), "load": load,
+            "quiet": load < threshold}
 
 
-def cox3d_xs() -> tuple[nn.Module, tuple[int, ...]] | None:
-    try:
-        from costream.models import create_model
-    except ImportError:
-        return None
-    return create_model("cox3d_xs"), (3, 160, 160)
+def _median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
 
 
-WORKLOADS = {"tcn": tcn, "tiny": tiny, "3d_cnn": cnn3d, "cox3d_xs": cox3d_xs}
+def _timed(fn: Callable[[], Any], out: list[float]) -> Any:
+    t0 = time.perf_counter()
+    result = fn()
+    out.append(time.perf_counter() - t0)
+    return result
 
 
-def _time(fn, repeats: int, inner: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        out.append((time.perf_counter() - t0) / inner)
-    return out
-
-
-def bench_engine(model: nn.Module, frame: tuple[int, ...], streams: int, repeats: int,
-                 inner: int) -> dict:
-    """Throughput of ``streams`` streams: one batched engine step vs one module per stream."""
-    net = cs.continual(model).eval()
-    solo = [cs.continual(model).eval() for _ in range(streams)]
-    engine = StreamEngine(net, capacity=streams, frame_shape=frame)
+def bench_engine(spec: str, streams: int, steps: int) -> dict[str, Any]:
+    """``streams`` streams: one batched engine step vs one ``forward_step`` per stream."""
+    name, _, blocks = spec.partition("@")
+    max_batch = int(blocks) if blocks else None
+    w = resolve_workload(name)
+    net, frame = w.net.eval(), w.frame_shape
+    engine = StreamEngine(net, capacity=streams, frame_shape=frame, max_batch=max_batch)
     ids = [engine.open() for _ in range(streams)]
-    frames = torch.randn(streams, *frame)
-    warm = net.delay + 2
+    meter = OtherLoad()
+    warm = net.delay + 1
     with torch.inference_mode():
+        t0 = time.perf_counter()
         for _ in range(warm):
-            engine.step(dict(zip(ids, frames, strict=True)))
-            for m, f in zip(solo, frames, strict=True):
-                m.forward_step(f.unsqueeze(0))
-        # exactness: the engine's outputs equal the one-by-one outputs
-        out = engine.step(dict(zip(ids, frames, strict=True)))
-        ref = [m.forward_step(f.unsqueeze(0)) for m, f in zip(solo, frames, strict=True)]
-        diff = max(float((out[i] - r[0]).abs().max()) for i, r in zip(ids, ref, strict=True))
-        t_engine, t_solo = [], []
-        for _ in range(repeats):
-            t_engine += _time(lambda: engine.step(dict(zip(ids, frames, strict=True))), 1, inner)
-            t_solo += _time(lambda: [m.forward_step(f.unsqueeze(0))
-                                     for m, f in zip(solo, frames, strict=True)], 1, inner)
-    e, s = statistics.median(t_engine), statistics.median(t_solo)
-    return {"streams": streams, "engine_ms": e * 1e3, "one_by_one_ms": s * 1e3,
-            "engine_frames_per_s": streams / e, "one_by_one_frames_per_s": streams / s,
-            "speedup": s / e, "max_abs_diff": diff}
+            engine.step({i: torch.randn(frame) for i in ids})
+        warm_s = time.perf_counter() - t0
+        # one-by-one: stream holders sharing the layers, resumed from the engine's streams
+        solo = []
+        tree = engine.state_dict()["tree"]
+        for i in ids:
+            holder = copy.copy(net)
+            holder.set_state({"tree": tree_map(lambda t, i=i: t[i:i + 1], tree),
+                              "age": torch.tensor([engine.frames_seen(i)]), "phase": 0,
+                              "frame_shape": frame})
+            solo.append(holder)
+        t_engine: list[float] = []
+        t_solo: list[float] = []
+        diff = 0.0
+        for _ in range(steps):
+            frames = torch.randn(streams, *frame)
+            out = _timed(lambda f=frames: engine.step(dict(zip(ids, f, strict=True))), t_engine)
+            ref = _timed(lambda f=frames: [m.forward_step(x.unsqueeze(0))
+                                           for m, x in zip(solo, f, strict=True)], t_solo)
+            diff = max(diff, *(float((out[i] - r[0]).abs().max())
+                               for i, r in zip(ids, ref, strict=True)))
+    e, s = _median_ms(t_engine), _median_ms(t_solo)
+    return {"streams": streams, "max_batch": engine.max_batch, "frame_shape": list(frame),
+            "steps_timed": steps,
+            "warm_up_steps": warm, "engine_warm_up_s": warm_s, "engine_ms": e,
+            "one_by_one_ms": s, "engine_frames_per_s": streams / e * 1e3,
+            "one_by_one_frames_per_s": streams / s * 1e3, "speedup": s / e,
+            "max_abs_diff": diff, "other_cpus": meter.others()}
 
 
-def bench_backends(model: nn.Module, frame: tuple[int, ...], repeats: int, inner: int) -> dict:
-    """Per-step latency at batch 1: eager forward_step, compiled stride step, onnxruntime."""
+def bench_backends(name: str, repeats: int, inner: int, threads: int) -> dict[str, Any]:
+    """Batch-1 latency per step: eager ``forward_step``, compiled step, onnxruntime."""
     from costream.export import OnnxStreamRunner, export_onnx
 
-    net = cs.continual(model).eval()
+    w = resolve_workload(name)
+    net, frame = w.net.eval(), w.frame_shape
     s = net.temporal.stride
-    x = torch.randn(1, frame[0], s, *frame[1:])
-    res: dict = {}
-    with torch.inference_mode():
-        for _ in range(net.delay + 2):
-            net.forward_step(x[:, :, 0])
-        eager = lambda: net.forward_step(x[:, :, 0])  # noqa: E731
-        step = compile_step(net)
-        state = net.init_state(1, frame)
-        t0 = time.perf_counter()
-        for _ in range(net.delay + 3):
-            _, state = step(x, state)
-        res["compile_s"] = time.perf_counter() - t0
-        holder = {"state": state}
-
-        def compiled():
-            _, holder["state"] = step(x, holder["state"])
-
+    warm = net.delay // s + 2
+    clips = [torch.randn(1, frame[0], s, *frame[1:]) for _ in range(warm + 1)]
+    res: dict[str, Any] = {"frame_shape": list(frame), "stride": s}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
+        t0 = time.perf_counter()
         export_onnx(net, path, frame)
-        runner = OnnxStreamRunner(path)
-        xn = x.numpy()
-        for _ in range(net.delay + 2):
-            runner.step(xn)
-        t_e, t_c, t_o = [], [], []
+        res["export_s"] = time.perf_counter() - t0
+        # no spin-waiting: spinning threads would take the cores from the torch steps
+        # measured right after them
+        runner = OnnxStreamRunner(path, threads=threads, spin=False)
+        step = compile_step(net)
+        state = net.init_state(1, frame)
+        diffs = {"compiled": 0.0, "onnxruntime": 0.0}
         with torch.inference_mode():
-            for _ in range(repeats):
-                t_e += _time(eager, 1, inner)
-                t_c += _time(compiled, 1, inner)
-                t_o += _time(lambda: runner.step(xn), 1, inner)
-    res.update({"eager_ms": statistics.median(t_e) * 1e3,
-                "compiled_ms": statistics.median(t_c) * 1e3,
-                "onnxruntime_ms": statistics.median(t_o) * 1e3})
+            net.reset_state()
+            t0 = time.perf_counter()
+            _, state = step(clips[0], state)
+            res["compile_s"] = time.perf_counter() - t0
+            state = net.init_state(1, frame)
+            for clip in clips:  # warm-up, comparing the three on the same frames
+                y_c, state = step(clip, state)
+                y_o, _ = runner.step(clip.numpy())
+                for t in range(s):
+                    y_e = net.forward_step(clip[:, :, t])
+                if y_e is not None:
+                    diffs["compiled"] = max(diffs["compiled"], float((y_c - y_e).abs().max()))
+                    diffs["onnxruntime"] = max(diffs["onnxruntime"],
+                                               float(abs(y_o - y_e.numpy()).max()))
+            holder = {"state": state}
+
+            def eager() -> None:
+                for t in range(s):
+                    net.forward_step(x[:, :, t])
+
+            def compiled() -> None:
+                _, holder["state"] = step(x, holder["state"])
+
+            x, xn = clips[-1], clips[-1].numpy()
+            t_e: list[float] = []
+            t_c: list[float] = []
+            t_o: list[float] = []
+            plan = [(eager, t_e), (compiled, t_c), (lambda: runner.step(xn), t_o)]
+            meter = OtherLoad()
+            for r in range(repeats):
+                for fn, out in plan[r % 3:] + plan[:r % 3]:  # rotate the order
+                    fn()  # one untimed step: the previous backend evicted this one's caches
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        fn()
+                    out.append((time.perf_counter() - t0) / inner)
+    res.update({"eager_ms": _median_ms(t_e), "compiled_ms": _median_ms(t_c),
+                "onnxruntime_ms": _median_ms(t_o),
+                "compiled_speedup": _median_ms(t_e) / _median_ms(t_c),
+                "onnxruntime_speedup": _median_ms(t_e) / _median_ms(t_o),
+                "max_abs_diff": diffs, "other_cpus": meter.others()})
     return res
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="few steps; writes runtime_quick.*")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", type=int, default=64)
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--backends", nargs="+", default=["tcn", "tiny", "3d_cnn"],
+    p.add_argument("--steps", type=int, default=10,
+                   help="engine: measured steps of all streams after the warm-up")
+    p.add_argument("--engine", nargs="*", default=list(DEFAULT_ENGINE),
+                   help="workloads for the engine vs one-by-one comparison")
+    p.add_argument("--backends", nargs="*", default=list(DEFAULT_BACKENDS),
                    help="workloads timed for eager / compiled / onnxruntime stepping")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to SECONDS for a 1-minute load average below 0.5")
+    p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
+    quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    # compile times are those of a first compilation: no inductor cache from earlier runs
+    cache = tempfile.mkdtemp(prefix="costream-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    repeats, inner = (3, 2) if args.quick else (9, 5)
-    results: dict = {"engine": {}, "backends": {}}
-    for name in args.workloads:
-        built = WORKLOADS[name]()
-        if built is None:
-            print(f"{name}: skipped (model not available)")
-            continue
-        model, frame = built
-        model.eval()
-        if name in ("tcn", "cox3d_xs", "tiny"):
-            results["engine"][name] = bench_engine(model, frame, args.streams,
-                                                   repeats, max(1, inner // 2))
-            print(name, "engine", results["engine"][name])
-        if name in args.backends:
-            results["backends"][name] = bench_backends(model, frame, repeats, inner)
-            print(name, "backends", results["backends"][name])
-    results["machine"] = {"torch": torch.__version__, "threads": args.threads,
-                          "cpu": _cpu(), "python": platform.python_version()}
+    steps, repeats, inner = (3, 3, 2) if args.quick else (args.steps, 21, 5)
+    results: dict[str, Any] = {"engine": {}, "backends": {}}
+    for name in args.engine:
+        results["engine"][name] = bench_engine(name, args.streams, steps)
+        print(name, "engine", json.dumps(results["engine"][name]), flush=True)
+    for name in args.backends:
+        torch.manual_seed(0)
+        results["backends"][name] = bench_backends(name, repeats, inner, args.threads)
+        print(name, "backends", json.dumps(results["backends"][name]), flush=True)
+    results["machine"] = {"torch": torch.__version__, "threads": args.threads, "cpu": _cpu(),
+                          "cores": os.cpu_count(), "python": platform.python_version(),
+                          "wait_quiet": quiet}
+    shutil.rmtree(cache, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "runtime.json").write_text(json.dumps(results, indent=2))
-    (out / "runtime.md").write_text(_markdown(results, args))
+    stem = "runtime_quick" if args.quick else "runtime"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(_markdown(results, args))
 
 
 def _cpu() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor()
 
 
-def _markdown(r: dict, args: argparse.Namespace) -> str:
+def _load(r: dict[str, Any]) -> str:
+    v = r["other_cpus"]
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
     m = r["machine"]
+    cmd = "python benchmarks/runtime.py"
+    if args.threads != 2:
+        cmd += f" --threads {args.threads}"
+    if args.streams != 64:
+        cmd += f" --streams {args.streams}"
+    if args.wait_quiet:
+        cmd += f" --wait-quiet {args.wait_quiet:g}"
+    quiet = m["wait_quiet"]
     lines = [
         "# Runtime benchmark", "",
-        f"Command: `python benchmarks/runtime.py --threads {args.threads} --streams "
-        f"{args.streams} --workloads {' '.join(args.workloads)} --backends "
-        f"{' '.join(args.backends)}`  ",
-        f"Machine: {m['cpu']}, torch {m['torch']}, {m['threads']} threads. Medians of "
-        "interleaved repeats.", "",
-        f"## {args.streams} streams: engine (one batched step) vs one module per stream", "",
-        "| workload | engine ms/step | one-by-one ms/step | engine frames/s | speedup | "
-        "max abs diff |",
-        "|---|---|---|---|---|---|",
+        f"Command: `{cmd}`  ",
+        f"Machine: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, {m['threads']} threads."
+        " Medians of interleaved measurements. Other load: CPUs kept busy by other processes "
+        "while a row was measured"
+        + (f"; the run waited {quiet['waited_s']:.0f} s for a 1-minute load average of "
+           f"{quiet['load']:.2f}." if quiet else "."), "",
+        f"## {args.streams} streams: engine (one batched step) vs one `forward_step` per stream",
+        "",
+        "Milliseconds per step of all streams, measured over the steps after the warm-up "
+        "(nothing extrapolated); max abs diff: engine vs one-by-one outputs.", "",
+        "| workload | frame | streams per call | engine ms | one-by-one ms | speedup | "
+        "engine frames/s | steps | max abs diff | other load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, e in r["engine"].items():
-        lines.append(f"| {name} | {e['engine_ms']:.2f} | {e['one_by_one_ms']:.2f} | "
-                     f"{e['engine_frames_per_s']:.0f} | {e['speedup']:.1f}x | "
-                     f"{e['max_abs_diff']:.1e} |")
-    lines += ["", "## Per-step latency at batch 1", "",
-              "| workload | eager ms | torch.compile ms | onnxruntime ms | compile time s |",
-              "|---|---|---|---|---|"]
+    for spec, e in r["engine"].items():
+        frame = "x".join(map(str, e["frame_shape"]))
+        lines.append(f"| {spec.partition('@')[0]} | {frame} | {e['max_batch']} | "
+                     f"{e['engine_ms']:.2f} | {e['one_by_one_ms']:.2f} | "
+                     f"{e['speedup']:.1f}x | {e['engine_frames_per_s']:.0f} | "
+                     f"{e['steps_timed']} | {e['max_abs_diff']:.1e} | {_load(e)} |")
+    lines += [
+        "", "## Per-step latency at batch 1", "",
+        "One step = `stride` frames in, one output out. Compiled: `compile_step` (inductor, "
+        "fullgraph; compile s: its first call, without an inductor cache); onnxruntime: "
+        "`export_onnx` + `OnnxStreamRunner` (no spin-waiting threads). Max abs diff: against "
+        "eager stepping over the warm-up.", "",
+        "| workload | eager ms | compiled ms | compiled speedup | onnxruntime ms | "
+        "onnxruntime speedup | compile s | export s | max abs diff (compiled / ort) | "
+        "other load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, b in r["backends"].items():
+        d = b["max_abs_diff"]
         lines.append(f"| {name} | {b['eager_ms']:.3f} | {b['compiled_ms']:.3f} | "
-                     f"{b['onnxruntime_ms']:.3f} | {b['compile_s']:.1f} |")
+                     f"{b['compiled_speedup']:.2f}x | {b['onnxruntime_ms']:.3f} | "
+                     f"{b['onnxruntime_speedup']:.2f}x | {b['compile_s']:.1f} | "
+                     f"{b['export_s']:.1f} | {d['compiled']:.1e} / {d['onnxruntime']:.1e} | "
+                     f"{_load(b)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 import costream as cs
-from costream.core import tree_map, tree_where
+from costream.core import tree_leaves, tree_map, tree_where
+from costream.runtime import compile_step
+from models._inputs import offline_zoo_models, small_zoo_model, streamable_zoo_architectures
 
 D = torch.float64
 LIMIT_S = 240
@@ -89,3 +91,115 @@ def test_compiled_step_matches_eager() -> None:
                 compared += 1
     assert compared == steps - net.delay
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------- compile_step
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Compilation is Python-bound and the steps are tiny: a second thread only contends."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+
+
+def _matches_eager(net: cs.CoModule, frame_shape: tuple[int, ...], step, dtype: torch.dtype,
+                   tol: float, batch: int = 2) -> int:
+    """Run ``step`` and eager ``step_stride`` side by side past the warm-up; compare outputs
+    and states. After the first call nothing may recompile. Returns the outputs compared."""
+    s = net.temporal.stride
+    state = net.init_state(batch, frame_shape, dtype=dtype)
+    ref = net.init_state(batch, frame_shape, dtype=dtype)
+    compared = 0
+    with torch.no_grad(), time_limit(LIMIT_S):
+        for call in range(net.delay // s + 4):
+            x = torch.randn(batch, frame_shape[0], s, *frame_shape[1:], dtype=dtype)
+            with torch._dynamo.config.patch(error_on_recompile=call > 0):
+                y, state = step(x, state)
+            y_ref, ref = net.step_stride(x, ref)
+            assert torch.equal(state["age"], ref["age"])
+            for (name, a), (_, b) in zip(tree_leaves(state["tree"]), tree_leaves(ref["tree"]),
+                                         strict=True):
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=f"state {name}")
+            if bool(net.ready(state).all()):
+                torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+                compared += 1
+    return compared
+
+
+def _encoder(layers: int, **options) -> cs.CoModule:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, **options)
+    source = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    return cs.continual(source, temporal_window=5).eval()
+
+
+def _strided(stride: int) -> cs.CoModule:
+    return cs.continual(nn.Sequential(
+        nn.Conv1d(3, 6, 3, padding=1), nn.ReLU(),
+        nn.Conv1d(6, 6, 3, stride=stride, padding=1, padding_mode="replicate"),
+        nn.MaxPool1d(2, stride=1), nn.Conv1d(6, 2, 3),
+    )).eval()
+
+
+NETS = {
+    "strided conv, stride 2": (lambda: _strided(2), (3,)),
+    "residual 3d": (lambda: cs.Sequential(
+        cs.Conv3d(2, 4, 3, padding=1), nn.ReLU(), cs.Residual(cs.Conv3d(4, 4, (3, 1, 1))),
+        cs.AdaptiveAvgPool3d((1, 1, 1), window=3), cs.Reshape(-1), cs.Linear(4, 3)).eval(),
+        (2, 5, 5)),
+    # retroactive, regular and single-output attention (1 and 2 layers: CoOadTR in the zoo)
+    "3-layer transformer encoder": (lambda: _encoder(3, norm_first=True, activation="gelu"),
+                                    (8,)),
+    "2-layer LSTM": (lambda: cs.continual(nn.LSTM(4, 6, num_layers=2)).eval(), (4,)),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_compile_step_matches_eager_stepping(name: str, one_thread: None) -> None:
+    """Inductor-compiled stride steps equal eager stepping (float64), without recompiling;
+    RNNs compile without the caller switching on dynamo's ``allow_rnn``."""
+    factory, frame_shape = NETS[name]
+    net = factory().to(D)
+    assert _matches_eager(net, frame_shape, compile_step(net), D, 1e-10) >= 3
+    assert not torch._dynamo.config.allow_rnn
+
+
+def test_compile_step_compiles_any_number_of_modules(one_thread: None) -> None:
+    """Each module gets its own compiled code: more modules than dynamo's recompile limit."""
+    torch._dynamo.reset()
+    nets = [cs.Conv1d(2, c, 2) for c in range(1, torch._dynamo.config.recompile_limit + 3)]
+    for net in nets:
+        step = compile_step(net, backend="eager")
+        state = net.init_state(1)
+        with torch.no_grad():
+            y, _ = step(torch.ones(1, 2, 1), state)
+        assert y.shape == (1, net.out_channels)
+
+
+def test_compile_step_refuses_what_it_cannot_step() -> None:
+    with pytest.raises(TypeError, match="continual module"):
+        compile_step(nn.Conv1d(2, 2, 3))
+    offline = offline_zoo_models()
+    if offline:
+        with pytest.raises(ValueError, match=r"offline model \(streamable=False\)"):
+            compile_step(small_zoo_model(offline[0])[0])
+
+
+ZOO = streamable_zoo_architectures()
+#: Zoo models also compiled with inductor (the rest run dynamo's graph only).
+INDUCTOR = {"coslow_r50", "cooadtr_b2"}
+
+
+@pytest.mark.parametrize("name", list(ZOO), ids=["=".join(ZOO[n]) for n in ZOO])
+def test_compiled_zoo_step_matches_eager_stepping(name: str, one_thread: None) -> None:
+    """Every streamable zoo model's stride step compiles as one graph (``fullgraph=True``) and
+    equals eager stepping (float32). Tracing a zoo model takes seconds, inductor's code
+    generation up to a minute: the graph runs on dynamo's ``eager`` backend, and the models
+    in ``INDUCTOR`` also through inductor. Names sharing an architecture at the test size
+    (test id ``a=b``) are compiled once."""
+    net, frame_shape = small_zoo_model(name)
+    backends = ["eager", "inductor"] if name in INDUCTOR else ["eager"]
+    for backend in backends:
+        step = compile_step(net, backend=backend)
+        assert _matches_eager(net, frame_shape, step, torch.float32, 1e-4) >= 3

@@ -29,13 +29,15 @@ def _solo(net: cs.CoModule, frames: list[torch.Tensor]) -> list[torch.Tensor | N
     return [None if y is None else y[0] for y in out]
 
 
-@pytest.mark.parametrize("stride", [1, 2, 3])
-def test_staggered_streams_with_resets_equal_solo_runs(stride):
+@pytest.mark.parametrize(("stride", "max_batch"), [(1, None), (2, None), (3, None), (1, 5),
+                                                  (3, 5)])
+def test_staggered_streams_with_resets_equal_solo_runs(stride, max_batch):
     rng = random.Random(stride)
     torch.manual_seed(stride)
     net = _net(stride)
-    n_streams, steps = 64 if stride == 1 else 16, 40
-    engine = StreamEngine(net, capacity=n_streams, frame_shape=(3,), dtype=torch.float64)
+    n_streams, steps = 64 if stride == 1 and max_batch is None else 16, 40
+    engine = StreamEngine(net, capacity=n_streams, frame_shape=(3,), dtype=torch.float64,
+                          max_batch=max_batch)
     start = {i: rng.randrange(0, 10) for i in range(n_streams)}
     segments: dict[int, list[list[torch.Tensor]]] = {i: [] for i in range(n_streams)}
     outputs: dict[int, list[list[torch.Tensor | None]]] = {i: [] for i in range(n_streams)}
@@ -79,3 +81,49 @@ def test_slots_open_close_and_errors():
     with pytest.raises(ValueError, match="frame shape"):
         engine.step({b: torch.zeros(3)})
     assert engine.open() == a
+
+
+def test_warm_streams_step_on_the_layers_fast_path(monkeypatch):
+    """The module's step gets the age ``None`` once every stream of a call is past the
+    network's warm-up (as ``forward_step`` does), an ``int`` for streams of one age, else the
+    per-stream ages."""
+    net = _net()
+    seen = []
+    step = net._step
+
+    def spy(x, tree, age, phase):
+        seen.append(age if age is None or isinstance(age, int) else age.tolist())
+        return step(x, tree, age, phase)
+
+    monkeypatch.setattr(net, "_step", spy)
+    engine = StreamEngine(net, capacity=2, frame_shape=(3,), dtype=torch.float64)
+    a, b = engine.open(), engine.open()
+    warm = net.delay + 1
+    with torch.no_grad():
+        for _ in range(warm + 1):
+            engine.step({a: torch.randn(3, dtype=torch.float64),
+                         b: torch.randn(3, dtype=torch.float64)})
+        engine.reset(b)
+        engine.step({a: torch.randn(3, dtype=torch.float64),
+                     b: torch.randn(3, dtype=torch.float64)})
+    assert seen == [*range(warm), None, [warm + 1, 0]]
+
+
+def test_blocks_of_max_batch_streams_are_saved_and_restored_whole():
+    net = _net()
+    engine = StreamEngine(net, capacity=5, frame_shape=(3,), dtype=torch.float64, max_batch=2)
+    ids = [engine.open() for _ in range(5)]
+    frames = torch.randn(net.delay + 6, 5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        for f in frames[:-3]:
+            engine.step(dict(zip(ids, f, strict=True)))
+        state = engine.state_dict()
+        assert state["tree"][0]["psum"].shape[0] == 5
+        copy = StreamEngine(net, capacity=5, frame_shape=(3,), dtype=torch.float64)
+        copy.load_state_dict(state)
+        for f in frames[-3:]:
+            a = engine.step(dict(zip(ids, f, strict=True)))
+            b = copy.step(dict(zip(ids, f, strict=True)))
+            assert all(torch.equal(a[i], b[i]) for i in ids)
+    with pytest.raises(ValueError, match="max_batch"):
+        StreamEngine(net, capacity=2, frame_shape=(3,), max_batch=0)

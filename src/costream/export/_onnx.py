@@ -35,7 +35,10 @@ class _StrideStep(nn.Module):
     def forward(self, x: Tensor, age: Tensor, *leaves: Tensor) -> tuple[Tensor, ...]:
         tree = tree_unflatten(self.template, list(leaves))
         y, state = self.module.step_stride(x, {"tree": tree, "age": age, "phase": 0})
-        return (y, state["age"], *[t for _, t in tree_leaves(state["tree"])])
+        # an output that is an input (a delay line shifts its frames: the output and most of
+        # the new state are old state) would make the exporter rename that graph input after
+        # the output: copy, so every name stays as declared
+        return (y.clone(), state["age"], *[t.clone() for _, t in tree_leaves(state["tree"])])
 
 
 def _fill_value(t: Tensor) -> float | None:
@@ -47,11 +50,23 @@ def _fill_value(t: Tensor) -> float | None:
 
 
 def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[int, ...], *,
-                batch_size: int = 1, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                optimize: bool = True) -> dict[str, Any]:
     """Export ``module``'s stride step to ONNX at ``path`` and write ``path`` + ``.json``.
 
     Uses the exporter of the installed torch (``torch.onnx.export(..., dynamo=True)``). The
-    module is exported in eval mode and left in the mode it was in.
+    module is exported in eval mode and left in the mode it was in. Offline-only models
+    (``streamable`` false, e.g. X3D with clip-scope squeeze-excitation) have no step and are
+    refused.
+
+    Args:
+        module: the continual module.
+        path: where to write the ``.onnx`` file.
+        frame_shape: one input frame without the batch dimension, ``(C, *spatial)``.
+        batch_size: number of streams the graph steps at once.
+        dtype: floating-point type of the frames and the state.
+        optimize: run the exporter's graph optimiser (slower export, several times faster
+            onnxruntime steps for deep networks).
 
     Returns:
         The manifest (also written next to the model).
@@ -68,6 +83,10 @@ def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[in
     """
     if not isinstance(module, CoModule):
         raise TypeError("export_onnx needs a continual module (use costream.continual first)")
+    if not getattr(module, "streamable", True):
+        raise ValueError(f"{type(module).__name__} is an offline model (streamable=False): it "
+                         f"only runs on whole clips, so it has no step to export; export its "
+                         f"continual version instead")
     path = Path(path)
     was_training = module.training
     module.eval()
@@ -79,14 +98,14 @@ def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[in
         stride = module.temporal.stride
         x = torch.zeros(batch_size, *frame_shape[:1], stride, *frame_shape[1:], dtype=dtype,
                         device=state["age"].device)
-        wrapper = _StrideStep(module, state["tree"])
+        wrapper = _StrideStep(module, state["tree"]).eval()
         with torch.no_grad():
             example = wrapper(x, state["age"], *leaves)
             torch.onnx.export(
                 wrapper, (x, state["age"], *leaves), str(path),
                 input_names=["x", "age", *names],
                 output_names=["y", "age_out", *[f"{n}.out" for n in names]],
-                dynamo=True, verbose=False,
+                dynamo=True, verbose=False, optimize=optimize,
             )
     finally:
         module.train(was_training)

@@ -19,6 +19,9 @@ class OnnxStreamRunner:
     Args:
         path: the ``.onnx`` file (its ``.json`` manifest lies next to it).
         providers: onnxruntime execution providers (default: CPU).
+        threads: intra-op threads of the session (default: onnxruntime's choice).
+        spin: whether idle intra-op threads spin-wait for the next step (onnxruntime's
+            default; lowest latency, but they keep cores busy that other work may need).
 
     Example:
         >>> import os, tempfile, torch, costream as cs
@@ -31,13 +34,19 @@ class OnnxStreamRunner:
         3
     """
 
-    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, *,
+                 threads: int | None = None, spin: bool = True) -> None:
         import onnxruntime as ort
 
         path = Path(path)
         self.manifest: dict[str, Any] = json.loads(
             path.with_suffix(path.suffix + ".json").read_text())
-        self.session = ort.InferenceSession(str(path),
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options,
                                             providers=providers or ["CPUExecutionProvider"])
         self._dir = path.parent
         self.reset()

@@ -134,7 +134,7 @@ def load_engine(engine: StreamEngine, path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: saved for capacity {payload['capacity']} and frames "
                          f"{tuple(payload['frame_shape'])}, this engine has {engine.capacity} "
                          f"and {engine.frame_shape}")
-    tree = tree_unflatten(engine._tree, payload["leaves"])
+    tree = tree_unflatten(engine._fresh, payload["leaves"])
     engine.load_state_dict({"tree": tree, "age": payload["age"], "active": payload["active"]})
 
 

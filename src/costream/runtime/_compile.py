@@ -2,20 +2,61 @@
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from ..core._module import CoModule
+from ..core._tree import tree_map
 
 
-def compile_step(module: CoModule, *, mode: str | None = None,
-                 fullgraph: bool = True) -> Callable[[Any, dict], tuple[Any, dict]]:
+def _stride_step(module: CoModule) -> Callable[[Any, dict], tuple[Any, dict]]:
+    """``module.step_stride`` returning state leaves in the layout of fresh ones.
+
+    Some layers return state tensors that are views (e.g. partial sums sliced out of
+    channels-last tap contributions) with other strides than :meth:`CoModule.init_state` gives.
+    ``torch.compile`` guards on input strides (size-1 dimensions included), so the second call
+    would recompile the whole step. Leaves written in the row-major layout of
+    ``torch.zeros`` keep every call on the first graph; inside the graph the copy fuses with
+    the computation that writes the leaf.
+    """
+
+    def step(x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        y, new = module.step_stride(x, state)
+        return y, {**new, "tree": tree_map(_row_major, new["tree"])}
+
+    # a fresh code object per compiled module: dynamo keeps its compiled graphs and counts
+    # recompilations per code object, so sharing one would make every further module a
+    # "recompilation" and fail after ``torch._dynamo.config.recompile_limit`` of them
+    return types.FunctionType(step.__code__.replace(), step.__globals__, "step_stride", None,
+                              step.__closure__)
+
+
+def _row_major(t: Tensor) -> Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool = True,
+                 backend: str | Callable = "inductor",
+                 dynamic: bool | None = False) -> Callable[[Any, dict], tuple[Any, dict]]:
     """``torch.compile`` :meth:`CoModule.step_stride` (one output per ``stride`` frames).
 
-    ``mode="reduce-overhead"`` adds CUDA graph capture on a GPU. The returned function has the
-    signature of ``step_stride``: ``(frames (B, C, stride, ...), state) -> (y, state)``.
+    Args:
+        module: the continual module (stepping needs eval mode where it has dropout).
+        mode: ``torch.compile`` mode; ``"reduce-overhead"`` adds CUDA graph capture on a GPU.
+        fullgraph: fail on a graph break instead of running pieces eagerly (default).
+        backend: the ``torch.compile`` backend.
+        dynamic: ``torch.compile``'s dynamic-shape option (default ``False``: a batch size
+            or frame size met later compiles a graph of its own).
+
+    The returned function has the signature of ``step_stride``:
+    ``(frames (B, C, stride, ...), state) -> (y, state)``, starting from
+    :meth:`CoModule.init_state`. Every module gets its own compiled code, so any number of
+    modules can be compiled in one process. Modules holding an ``nn.RNN``/``LSTM``/``GRU`` are
+    traced with ``torch._dynamo.config.allow_rnn`` switched on for their calls only.
 
     Example:
         >>> import torch, costream as cs
@@ -27,4 +68,19 @@ def compile_step(module: CoModule, *, mode: str | None = None,
         >>> y.shape
         torch.Size([1, 4])
     """
-    return torch.compile(module.step_stride, mode=mode, fullgraph=fullgraph)
+    if not isinstance(module, CoModule):
+        raise TypeError(f"compile_step needs a continual module (use costream.continual "
+                        f"first), got {type(module).__name__}")
+    if not getattr(module, "streamable", True):
+        raise ValueError(f"{type(module).__name__} is an offline model (streamable=False): "
+                         f"it has no step function to compile")
+    compiled = torch.compile(_stride_step(module), mode=mode, fullgraph=fullgraph,
+                             backend=backend, dynamic=dynamic)
+    if not any(isinstance(m, nn.RNNBase) for m in module.modules()):
+        return compiled
+
+    def rnn_step(x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        with torch._dynamo.config.patch(allow_rnn=True):
+            return compiled(x, state)
+
+    return rnn_step

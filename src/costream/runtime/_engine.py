@@ -3,7 +3,12 @@
 A fixed pool of state slots lives on one device. Streams open, close and reset at any time;
 one :meth:`StreamEngine.step` call steps every stream that has a new frame, batched. Streams
 at different positions share a batch; with a temporally strided network they are grouped by
-phase (frame count modulo the stride), one batched call per group.
+phase (frame count modulo the stride), one batched call per group. Once every stream of a call
+is past the network's warm-up, the layers run their fast paths (as ``forward_step`` does).
+
+With ``max_batch`` the slots are stored and stepped in blocks of at most that many streams:
+for networks over large frames (video) a smaller batch keeps a call's activations in the CPU
+caches. A call that steps a whole block uses its state as it is (no gather and scatter).
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ class StreamEngine:
         capacity: number of state slots.
         frame_shape: shape of one input frame without the batch dimension, ``(C, *spatial)``.
         device, dtype: where and in which precision the state lives (default: the module's).
+        max_batch: streams per batched call (default: all of them in one call). Slots
+            ``[k * max_batch, (k + 1) * max_batch)`` form block ``k``.
 
     Example:
         >>> import torch, costream as cs
@@ -41,23 +48,30 @@ class StreamEngine:
 
     def __init__(self, module: CoModule, capacity: int, frame_shape: tuple[int, ...], *,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, max_batch: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.module = module
         self.capacity = int(capacity)
         self.frame_shape = tuple(frame_shape)
-        state = module.init_state(self.capacity, self.frame_shape, device=device, dtype=dtype)
+        self.max_batch = min(int(max_batch or capacity), self.capacity)
+        self._blocks: list[State] = []
+        for lo in range(0, self.capacity, self.max_batch):
+            n = min(self.max_batch, self.capacity - lo)
+            state = module.init_state(n, self.frame_shape, device=device, dtype=dtype)
+            self._blocks.append(state["tree"])
         self.device = state["age"].device
         ref = next((t for t in _float_leaves(state["tree"])), None)
         self.dtype = ref.dtype if ref is not None else (dtype or torch.get_default_dtype())
-        self._tree: State = state["tree"]
         self._fresh: State = module.init_state(1, self.frame_shape, device=self.device,
                                                dtype=self.dtype)["tree"]
         self._age = [0] * self.capacity
         self._active = [False] * self.capacity
         self._stride = module.temporal.stride
         self._delay = module.temporal.delay
+        self._warm_up = module._total_delay()
 
     # ------------------------------------------------------------------ slots
     def open(self) -> int:
@@ -106,51 +120,79 @@ class StreamEngine:
             if tuple(f.shape) != self.frame_shape:
                 raise ValueError(f"stream {sid}: frame shape {tuple(f.shape)}, expected "
                                  f"{self.frame_shape}")
-        groups: dict[int, list[int]] = {}
-        for sid in frames:
-            groups.setdefault(self._age[sid] % self._stride, []).append(sid)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for sid in sorted(frames):
+            key = (sid // self.max_batch, self._age[sid] % self._stride)
+            groups.setdefault(key, []).append(sid)
         out: dict[int, Tensor | None] = {}
-        for phase, ids in groups.items():
+        for (block, phase), ids in groups.items():
             x = torch.stack([frames[i] for i in ids]).to(self.device, self.dtype)
-            ages = torch.tensor([self._age[i] for i in ids], device=self.device)
-            if ids == list(range(self.capacity)):
-                y, self._tree, _, _ = self.module._step(x, self._tree, ages, phase)
+            ages = self._ages(ids)
+            tree = self._blocks[block]
+            lo = block * self.max_batch
+            if len(ids) == _leading(tree, len(ids)):  # the whole block: no gather/scatter
+                y, self._blocks[block], _, _ = self.module._step(x, tree, ages, phase)
             else:
-                idx = torch.tensor(ids, device=self.device)
-                y, sub, _, _ = self.module._step(x, tree_index(self._tree, idx), ages, phase)
-                tree_index_copy(self._tree, idx, sub)
+                idx = torch.tensor([i - lo for i in ids], device=self.device)
+                y, sub, _, _ = self.module._step(x, tree_index(tree, idx), ages, phase)
+                tree_index_copy(tree, idx, sub)
             for j, sid in enumerate(ids):
                 due = y is not None and self._age[sid] >= self._delay
                 out[sid] = y[j] if due else None
                 self._age[sid] += 1
         return out
 
+    def _ages(self, ids: list[int]) -> int | Tensor | None:
+        """The ``age`` the module's step gets for streams ``ids`` (see ``costream.core``):
+        ``None`` once every one is past the network's warm-up (the layers' fast paths), an
+        ``int`` when they share one age, else a tensor of their ages."""
+        ages = [self._age[i] for i in ids]
+        low = min(ages)
+        if low > self._warm_up:
+            return None
+        if low == max(ages):
+            return low
+        return torch.tensor(ages, device=self.device)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """The engine's streams: state pytree, per-slot frame counts and open slots."""
-        return {"tree": tree_map(lambda t: t.detach().clone(), self._tree),
-                "age": list(self._age), "active": list(self._active)}
+        """The engine's streams: state pytree (all ``capacity`` slots, batch first), per-slot
+        frame counts and open slots."""
+        tree = tree_map(lambda *ts: torch.cat(ts).detach(), *self._blocks)  # a copy
+        return {"tree": tree, "age": list(self._age), "active": list(self._active)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (checked first; nothing applied on mismatch)."""
         from ..core._tree import tree_check
 
-        tree_check(self._tree, state["tree"], "engine state")
+        template = tree_map(lambda t: t.expand(self.capacity, *t.shape[1:]), self._fresh)
+        tree_check(template, state["tree"], "engine state")
         if len(state["age"]) != self.capacity or len(state["active"]) != self.capacity:
             raise ValueError(f"engine state is for {len(state['age'])} slots, this engine has "
                              f"{self.capacity}")
-        self._tree = tree_map(lambda t: t.to(self.device).clone(), state["tree"])
+        self._blocks = [
+            tree_map(lambda t, lo=lo: t[lo: lo + self.max_batch].to(self.device).clone(),
+                     state["tree"])
+            for lo in range(0, self.capacity, self.max_batch)]
         self._age = [int(a) for a in state["age"]]
         self._active = [bool(a) for a in state["active"]]
 
     def _restart(self, sid: int) -> None:
-        idx = torch.tensor([sid], device=self.device)
-        tree_index_copy(self._tree, idx, self._fresh)
+        idx = torch.tensor([sid % self.max_batch], device=self.device)
+        tree_index_copy(self._blocks[sid // self.max_batch], idx, self._fresh)
         self._age[sid] = 0
 
     def _check(self, sid: int) -> None:
         if not (0 <= sid < self.capacity) or not self._active[sid]:
             raise KeyError(f"no open stream with id {sid}")
+
+
+def _leading(tree: State, default: int) -> int:
+    """The batch size of a state pytree (``default`` for a state without tensors)."""
+    from ..core._tree import tree_leaves
+
+    first = next(tree_leaves(tree), None)
+    return default if first is None else first[1].shape[0]
 
 
 def _float_leaves(tree: State):
