@@ -20,8 +20,7 @@ Example:
     True
 """
 
-import importlib
-from typing import Any
+from costream._lazy import lazy_exports
 
 _EXPORTS = {
     "CRITERIA": "_criteria", "Criterion": "_criteria", "Fisher": "_criteria",
@@ -55,15 +54,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Names load on first use, so the command line can import ``costream.prune._cli`` without
-    # the optional dependencies.
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+# Names load on first use, so the command line can import ``costream.prune._cli`` without
+# the optional dependencies.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

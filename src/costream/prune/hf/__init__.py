@@ -35,8 +35,7 @@ Example:
     True
 """
 
-import importlib
-from typing import Any
+from costream._lazy import lazy_exports
 
 _EXPORTS = {
     "CalibrationChoice": "_calibration", "PrunedBertConfig": "_model",
@@ -68,15 +67,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # Names load on first use; importing any of them registers the pruned model type with
-    # transformers' AutoConfig / AutoModel.
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+# Names load on first use; importing any of them registers the pruned model type with
+# transformers' AutoConfig / AutoModel.
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
