@@ -59,6 +59,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import costream
+from costream.bench._report import cpu_model
 from costream.prune import count_macs, task_storage
 from costream.prune.adapters import merge_adapters
 from costream.prune.hf import (
@@ -301,13 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import transformers
 
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "costream": costream.__version__,
             "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 import costream
 from costream.bench import count_macs, step_macs, theoretical_step_macs
+from costream.bench._report import cpu_model
 
 IMPLS = ("costream", "anchor", "window")
 
@@ -404,15 +405,7 @@ def _utc_now() -> str:
 
 
 def machine_facts(threads: list[int]) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     try:
         load = os.getloadavg()
     except OSError:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from costream.bench import resolve_workload
+from costream.bench._report import cpu_model
 from costream.core import tree_map
 from costream.runtime import StreamEngine, compile_step
 
@@ -235,7 +236,7 @@ def main() -> None:
         torch.manual_seed(0)
         results["backends"][name] = bench_backends(name, repeats, inner, args.threads)
         print(name, "backends", json.dumps(results["backends"][name]), flush=True)
-    results["machine"] = {"torch": torch.__version__, "threads": args.threads, "cpu": _cpu(),
+    results["machine"] = {"torch": torch.__version__, "threads": args.threads, "cpu": cpu_model(),
                           "cores": os.cpu_count(), "python": platform.python_version(),
                           "wait_quiet": quiet}
     shutil.rmtree(cache, ignore_errors=True)
@@ -244,17 +245,6 @@ def main() -> None:
     stem = "runtime_quick" if args.quick else "runtime"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(_markdown(results, args))
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _load(r: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from costream.bench import PtflopsCounter
+from costream.bench._report import cpu_model
 from costream.models import create_model
 
 T, V, M = 300, 25, 2
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs = PAIRS[:1] if args.main_only or args.quick else PAIRS
     report: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/skeleton.py", *raw]),
-        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "loadavg": os.getloadavg()},
         "threads": args.threads, "latency": [], "macs": {}, "exactness": {},
     }
@@ -272,17 +273,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (args.out / f"{stem}.md").write_text(to_markdown(report))
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return report
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import costream
+from costream.bench._report import cpu_model
 
 D, HEADS, FF, N = 512, 8, 2048, 64
 IMPLS = ("costream", "anchor", "window")
@@ -253,13 +254,7 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
 
 # ---------------------------------------------------------------------------- reporting
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")),
-                       cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
             "continual_inference": continual.__version__, "costream": costream.__version__,
             "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 
 from costream.bench import ptflops_macs, ptflops_step_macs
+from costream.bench._report import cpu_model
+from costream.core import tree_leaves
 from costream.models import create_model, fold_batch_norm
 
 T, S = 13, 160  # X3D-S clip: 13 frames of 160x160
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     repeats = 3 if args.quick else args.repeats
     report: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/x3d.py", *raw]),
-        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "python": platform.python_version(), "loadavg": os.getloadavg()},
         "macs": macs(), "latency": [], "memory": {},
     }
@@ -412,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         report["memory"][name] = memory(fold)
     _, continual = build()
     state = continual.init_state(1, (3, S, S))["tree"]
-    report["state_mb"] = sum(t.numel() * t.element_size() for t in _leaves(state)) / 2**20
+    report["state_mb"] = sum(t.numel() * t.element_size() for _, t in tree_leaves(state)) / 2**20
     report["predictions"] = predictions(6 if args.quick else args.windows)
     report["elapsed_s"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -421,28 +423,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     (args.out / f"{stem}.md").write_text(to_markdown(report))
     print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
     return report
-
-
-def _leaves(tree: Any):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (tuple, list)):
-        for v in tree:
-            yield from _leaves(v)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -142,6 +142,24 @@ def to_markdown(rows: Sequence[dict[str, Any]], path: str | Path | None = None, 
     return text
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what :mod:`platform` knows.
+
+    Example:
+        >>> from costream.bench._report import cpu_model
+        >>> isinstance(cpu_model(), str)
+        True
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with benchmark results.
 
@@ -152,16 +170,9 @@ def environment() -> dict[str, Any]:
     """
     from .._version import __version__
 
-    processor = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        processor = names[0] if names else processor
-    except OSError:
-        pass
     return {"costream": __version__, "torch": torch.__version__,
             "python": platform.python_version(), "machine": platform.machine(),
-            "processor": processor,
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
 
 
