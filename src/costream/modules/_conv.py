@@ -205,11 +205,13 @@ class _CoConvNd(CoModule):
         w, b = self._cache.get(params["weight"], params["bias"])
         z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
         n, c, span = x.shape[0], self.out_channels, self._span
+        # each view below costs a dispatcher call, which at this size is a tenth of the product
         z.narrow(1, c, span * c).add_(state["psum"].view(n, span * c))
-        new = {"psum": z.narrow(1, 0, span * c).view(n, 1, span, c)}
+        head, y = z.split_with_sizes((span * c, c), 1)
+        new = {"psum": head.view(n, 1, span, c)}
         if self.padding_mode == "replicate":
             new["last"] = x
-        return z.narrow(1, span * c, c), new, None, phase - span + self._tpad[0]
+        return y, new, None, phase - span + self._tpad[0]
 
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int):
         """Like :meth:`_update`, computing only the taps that reach an emitted output."""

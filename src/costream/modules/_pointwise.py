@@ -53,7 +53,15 @@ def pointwise_step(module: nn.Module) -> Callable[[Tensor], Tensor]:
         return _BatchNormStep(module)
     if isinstance(module, nn.modules.dropout._DropoutNd):
         return _DropoutStep(module)
+    if type(module) is nn.ReLU:  # the most common case, without nn.functional's dispatch checks
+        return torch.relu
+    if type(module) is nn.Identity:
+        return _identity
     return module.forward
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
 
 
 class _BatchNormStep:
