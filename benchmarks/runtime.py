@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from costream.bench import resolve_workload
+from costream.bench import resolve_workload, step_macs
 from costream.bench._report import cpu_model
 from costream.core import tree_map
 from costream.runtime import StreamEngine, compile_step
@@ -97,12 +97,41 @@ def _timed(fn: Callable[[], Any], out: list[float]) -> Any:
     return result
 
 
-def bench_engine(spec: str, streams: int, steps: int) -> dict[str, Any]:
-    """``streams`` streams: one batched engine step vs one ``forward_step`` per stream."""
+def peak_gemm_rate(size: int = 2048, repeats: int = 9) -> float:
+    """Multiply-accumulates per second of a large float32 GEMM at the current thread count,
+    the faster of the BLAS (``addmm``) and oneDNN's linear: an upper bound on the rate at
+    which any batched step can execute its MACs."""
+    from costream.modules._onednn import ONEDNN_LINEAR
+
+    k = n = size // 2
+    a, b, c = torch.randn(size, k), torch.randn(k, n), torch.randn(n)
+    bt = b.t().contiguous()
+    kernels = [lambda: torch.addmm(c, a, b)]
+    if ONEDNN_LINEAR is not None:
+        kernels.append(lambda: ONEDNN_LINEAR(a, bt, c, "none", [], ""))
+    best = 0.0
+    with torch.inference_mode():
+        for kernel in kernels:
+            for _ in range(3):
+                kernel()
+            times: list[float] = []
+            for _ in range(repeats):
+                _timed(kernel, times)
+            best = max(best, size * k * n / statistics.median(times))
+    return best
+
+
+def bench_engine(spec: str, streams: int, steps: int, peak: float) -> dict[str, Any]:
+    """``streams`` streams: one batched engine step vs one ``forward_step`` per stream.
+
+    ``peak`` (MACs/s of a large GEMM) bounds the speedup any batching can give: the engine
+    needs at least ``streams * MACs per step / peak`` seconds per step of all streams.
+    """
     name, _, blocks = spec.partition("@")
     max_batch = int(blocks) if blocks else None
     w = resolve_workload(name)
     net, frame = w.net.eval(), w.frame_shape
+    macs = step_macs(copy.deepcopy(net), torch.randn(1, *frame))
     engine = StreamEngine(net, capacity=streams, frame_shape=frame, max_batch=max_batch)
     ids = [engine.open() for _ in range(streams)]
     meter = OtherLoad()
@@ -132,7 +161,10 @@ def bench_engine(spec: str, streams: int, steps: int) -> dict[str, Any]:
             diff = max(diff, *(float((out[i] - r[0]).abs().max())
                                for i, r in zip(ids, ref, strict=True)))
     e, s = _median_ms(t_engine), _median_ms(t_solo)
+    floor = streams * macs / peak * 1e3
     return {"streams": streams, "max_batch": engine.max_batch, "frame_shape": list(frame),
+            "macs_per_stream_step": macs, "compute_floor_ms": floor,
+            "speedup_ceiling": s / floor,
             "steps_timed": steps,
             "warm_up_steps": warm, "engine_warm_up_s": warm_s, "engine_ms": e,
             "one_by_one_ms": s, "engine_frames_per_s": streams / e * 1e3,
@@ -229,8 +261,11 @@ def main() -> None:
     torch.manual_seed(0)
     steps, repeats, inner = (3, 3, 2) if args.quick else (args.steps, 21, 5)
     results: dict[str, Any] = {"engine": {}, "backends": {}}
+    peak = peak_gemm_rate()
+    results["peak_gemm_macs_per_s"] = peak
+    print(f"peak GEMM rate {peak / 1e9:.1f} GMAC/s", flush=True)
     for name in args.engine:
-        results["engine"][name] = bench_engine(name, args.streams, steps)
+        results["engine"][name] = bench_engine(name, args.streams, steps, peak)
         print(name, "engine", json.dumps(results["engine"][name]), flush=True)
     for name in args.backends:
         torch.manual_seed(0)
@@ -274,15 +309,23 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "Milliseconds per step of all streams, measured over the steps after the warm-up "
         "(nothing extrapolated); max abs diff: engine vs one-by-one outputs.", "",
+        "Compute floor: the time the step's multiply-accumulates (MACs per stream step x "
+        f"{args.streams}) take at the rate of a large float32 GEMM on this machine (the faster "
+        f"of the BLAS and oneDNN), measured in the same run "
+        f"({r['peak_gemm_macs_per_s'] / 1e9:.1f} GMAC/s). No batching can step all streams "
+        "faster, so one-by-one ms / floor ms bounds the speedup (ceiling).", "",
         "| workload | frame | streams per call | engine ms | one-by-one ms | speedup | "
-        "engine frames/s | steps | max abs diff | other load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "MACs per stream step | compute floor ms | speedup ceiling | engine frames/s | steps | "
+        "max abs diff | other load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec, e in r["engine"].items():
         frame = "x".join(map(str, e["frame_shape"]))
         lines.append(f"| {spec.partition('@')[0]} | {frame} | {e['max_batch']} | "
                      f"{e['engine_ms']:.2f} | {e['one_by_one_ms']:.2f} | "
-                     f"{e['speedup']:.1f}x | {e['engine_frames_per_s']:.0f} | "
+                     f"{e['speedup']:.1f}x | {e['macs_per_stream_step'] / 1e6:.2f} M | "
+                     f"{e['compute_floor_ms']:.2f} | {e['speedup_ceiling']:.1f}x | "
+                     f"{e['engine_frames_per_s']:.0f} | "
                      f"{e['steps_timed']} | {e['max_abs_diff']:.1e} | {_load(e)} |")
     lines += [
         "", "## Per-step latency at batch 1", "",

@@ -22,7 +22,8 @@ from torch import nn
 
 from costream.bench import PtflopsCounter, count_macs, ptflops_macs, ptflops_step_macs
 from costream.models import create_model, list_models
-from costream.models._stgcn_linear import _ONEDNN_LINEAR, rows_linear
+from costream.models._stgcn_linear import rows_linear
+from costream.modules._onednn import ONEDNN_LINEAR
 
 MATMUL = ("mm", "bmm", "matmul")
 # offline: params (M), GMACs per 300-frame clip; continual: GMACs per prediction
@@ -137,7 +138,7 @@ def test_forward_step_executes_the_theoretical_cost(name: str) -> None:
         assert pure > 1.15 * executed
 
 
-@pytest.mark.skipif(_ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+@pytest.mark.skipif(ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 def test_the_onednn_frame_linear_is_counted() -> None:
     """Float32 inference steps frames with oneDNN's linear; both MAC counters see it."""
     rows, weight, bias = torch.randn(50, 64), torch.randn(576, 64), torch.randn(576)

@@ -8,26 +8,11 @@ steps a ``(k, 1)`` temporal convolution as one such product.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 import costream as cs
-
-_mkldnn_ops = getattr(torch.ops, "mkldnn", None)
-_ONEDNN_LINEAR = (getattr(_mkldnn_ops, "_linear_pointwise", None)
-                  if torch.backends.mkldnn.is_available() else None)
-
-if _ONEDNN_LINEAR is not None:
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(_ONEDNN_LINEAR)
-    def _onednn_linear_flop(x_shape, w_shape, *args, **kwargs) -> int:
-        """FLOPs of the oneDNN linear the per-frame layers call (counted like ``mm``)."""
-        rows = 1
-        for d in x_shape[:-1]:
-            rows *= d
-        return 2 * rows * w_shape[0] * w_shape[1]
+from costream.modules._onednn import onednn_linear, onednn_usable
 
 
 def rows_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -37,10 +22,8 @@ def rows_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     frame (persons x joints) it is markedly faster than the BLAS GEMM. Compiled and exported
     graphs, autograd and other dtypes use ``F.linear``.
     """
-    if (_ONEDNN_LINEAR is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()):
-        return _ONEDNN_LINEAR(rows.contiguous(), weight, bias, "none", [], "")
+    if onednn_usable(rows):
+        return onednn_linear(rows, weight, bias)
     return F.linear(rows, weight, bias)
 
 

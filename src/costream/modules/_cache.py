@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+_INFERENCE_SOURCES = (
+    "parameters created under torch.inference_mode() (inference tensors) have no version "
+    "counter, so kernels derived from them are recomputed at every step; create or copy the "
+    "model outside inference mode to step at full speed"
+)
 
 
 def _key(sources: tuple[Tensor | None, ...]) -> tuple:
@@ -41,7 +48,13 @@ class DerivedCache:
                     break
             else:
                 return self.value
-        self.value = self.fn()
+        value = self.fn()
+        if any(s is not None and s.is_inference() for s in sources):
+            # created under torch.inference_mode: no version counter tells in-place changes
+            warnings.warn(_INFERENCE_SOURCES, stacklevel=4)
+            self.invalidate()
+            return value
+        self.value = value
         # identity too: a replaced tensor may reuse the freed address with a fresh version
         self.key = _key(sources)
         self.sources = sources

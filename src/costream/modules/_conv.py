@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..core._module import Age, CoModule, advance, chunk_emissions, emits
 from ..core._temporal import Temporal
 from ._cache import DerivedCache
+from ._onednn import onednn_linear, onednn_usable, prefers_onednn
 
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
@@ -73,6 +74,7 @@ class _CoConvNd(CoModule):
                       and self.stride[0] == 1)
         self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
+        self._linear_cache = DerivedCache(self._linear_kernel)  # oneDNN's (rows, C_in) layout
 
     # ------------------------------------------------------------------ geometry
     def _temporal(self) -> Temporal:
@@ -104,6 +106,11 @@ class _CoConvNd(CoModule):
             # channels-last frames meet a channels-last kernel: no per-step kernel re-layout
             w_all = w_all.contiguous(memory_format=torch.channels_last)
         return w_all, b_all
+
+    def _linear_kernel(self) -> tuple[Tensor, Tensor | None]:
+        """The lean Conv1d kernel as a linear layer's ``(k * C_out, C_in)`` weight."""
+        w_all, b_all = self._stacked_kernel()
+        return w_all.reshape(w_all.shape[0], -1).contiguous(), b_all
 
     def _stacked_kernel(self) -> tuple[Tensor, Tensor | None]:
         w = self.weight
@@ -202,9 +209,12 @@ class _CoConvNd(CoModule):
         """Steady-state step of a Conv1d (no groups, dilation or stride) on flat 2D views:
         ``z = x W + b`` holds the k taps side by side; the partial sums add into taps 1..k-1."""
         params = self._parameters
-        w, b = self._cache.get(params["weight"], params["bias"])
-        z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
         n, c, span = x.shape[0], self.out_channels, self._span
+        if n >= 4 and prefers_onednn(n, x.shape[1], (span + 1) * c) and onednn_usable(x):
+            z = onednn_linear(x, *self._linear_cache.get(params["weight"], params["bias"]))
+        else:
+            w, b = self._cache.get(params["weight"], params["bias"])
+            z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
         # each view below costs a dispatcher call, which at this size is a tenth of the product
         z.narrow(1, c, span * c).add_(state["psum"].view(n, span * c))
         head, y = z.split_with_sizes((span * c, c), 1)

@@ -136,9 +136,10 @@ class StreamEngine:
                 idx = torch.tensor([i - lo for i in ids], device=self.device)
                 y, sub, _, _ = self.module._step(x, tree_index(tree, idx), ages, phase)
                 tree_index_copy(tree, idx, sub)
+            rows = None if y is None else y.unbind(0)  # one call, not one index per stream
             for j, sid in enumerate(ids):
-                due = y is not None and self._age[sid] >= self._delay
-                out[sid] = y[j] if due else None
+                due = rows is not None and self._age[sid] >= self._delay
+                out[sid] = rows[j] if due else None
                 self._age[sid] += 1
         return out
 
