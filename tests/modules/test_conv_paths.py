@@ -42,11 +42,11 @@ def test_batched_float32_steps_take_onednn_and_equal_the_offline_conv(monkeypatc
     torch.manual_seed(0)
     net = cs.continual(nn.Sequential(nn.Conv1d(128, 128, 3, padding=1), nn.ReLU(),
                                      nn.Conv1d(128, 96, 3, padding=1))).eval()
-    x = torch.randn(16, 128, 12)
+    x = torch.randn(96, 128, 8)  # 96 rows x 128 x 384: past the 2^22 MACs crossover
     with torch.no_grad():
         ref = net(x)
     got = _step_all(net, x)
-    assert calls and all(shape == (16, 128) for shape in calls)
+    assert calls and all(shape == (96, 128) for shape in calls)
     torch.testing.assert_close(got, _due(ref, net), rtol=1e-4, atol=1e-5)
     # batch 1 keeps the BLAS product (oneDNN's fixed cost per call loses there)
     calls.clear()
@@ -56,13 +56,13 @@ def test_batched_float32_steps_take_onednn_and_equal_the_offline_conv(monkeypatc
 
 def test_macs_of_a_batched_onednn_step_are_counted() -> None:
     net = cs.Conv1d(128, 128, 3, padding=1).eval()
-    assert step_macs(net, torch.randn(16, 128)) == 16 * 128 * 128 * 3
+    assert step_macs(net, torch.randn(96, 128)) == 96 * 128 * 128 * 3
 
 
 def test_batched_steps_see_a_weight_changed_in_place() -> None:
     torch.manual_seed(0)
     net = cs.Conv1d(128, 128, 3, padding=1).eval()
-    x = torch.randn(16, 128, 8)
+    x = torch.randn(96, 128, 8)
     _step_all(net, x)
     with torch.no_grad():
         net.weight.mul_(-0.5)
@@ -70,7 +70,7 @@ def test_batched_steps_see_a_weight_changed_in_place() -> None:
     torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("batch", [1, 16])
+@pytest.mark.parametrize("batch", [1, 96])
 def test_a_model_copied_under_inference_mode_steps_correctly(batch: int) -> None:
     """Parameters created under inference mode are inference tensors without a version
     counter: stepping used to fail with torch's "Inference tensors do not track version

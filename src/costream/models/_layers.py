@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import costream as cs
+from costream.modules._onednn import linear
 
 from ..modules._cache import DerivedCache
 
@@ -123,7 +124,7 @@ class GemmConv3d(cs.Conv3d):
         if sh != 1 or sw != 1:
             x = x[:, :, ::sh, ::sw]
         w = params["weight"]
-        y = F.linear(x.permute(0, 2, 3, 1), w.view(w.shape[0], w.shape[1]), params["bias"])
+        y = linear(x.permute(0, 2, 3, 1), w.view(w.shape[0], w.shape[1]), params["bias"])
         return y.permute(0, 3, 1, 2), state, age, phase
 
     def _contributions(self, x: Tensor, kernel=None) -> Tensor:
@@ -134,7 +135,7 @@ class GemmConv3d(cs.Conv3d):
         sh, sw = self.stride[1], self.stride[2]
         if sh != 1 or sw != 1:
             x = x[:, :, ::sh, ::sw]
-        y = F.linear(x.permute(0, 2, 3, 1), w_all.view(w_all.shape[0], -1), b_all)
+        y = linear(x.permute(0, 2, 3, 1), w_all.view(w_all.shape[0], -1), b_all)
         n, h, w, kc = y.shape
         # (N, H, W, k * C_out) -> (N, groups=1, k, C_out, H, W), a view with channels innermost
         return y.permute(0, 3, 1, 2).view(n, 1, kc // self.out_channels, self.out_channels, h, w)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._onednn import linear
+
 _NEG_INF = float("-inf")
 
 
@@ -54,12 +56,12 @@ def _proj(p: Parts, a: Tensor, lo: int, hi: int) -> Tensor:
     """Rows ``lo:hi`` of the packed input projection (q: ``0:d``, k: ``d:2d``, v: ``2d:3d``)."""
     w, b = p.mha.in_proj_weight, p.mha.in_proj_bias
     if lo == 0 and hi == w.shape[0]:
-        return F.linear(a, w, b)
-    return F.linear(a, w[lo:hi], None if b is None else b[lo:hi])
+        return linear(a, w, b)
+    return linear(a, w[lo:hi], None if b is None else b[lo:hi])
 
 
 def _out(p: Parts, o: Tensor) -> Tensor:
-    return F.linear(o, p.mha.out_proj.weight, p.mha.out_proj.bias)
+    return linear(o, p.mha.out_proj.weight, p.mha.out_proj.bias)
 
 
 def _split(t: Tensor, h: int) -> Tensor:

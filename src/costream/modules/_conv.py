@@ -210,7 +210,7 @@ class _CoConvNd(CoModule):
         ``z = x W + b`` holds the k taps side by side; the partial sums add into taps 1..k-1."""
         params = self._parameters
         n, c, span = x.shape[0], self.out_channels, self._span
-        if n >= 4 and prefers_onednn(n, x.shape[1], (span + 1) * c) and onednn_usable(x):
+        if prefers_onednn(n, x.shape[1], (span + 1) * c) and onednn_usable(x):
             z = onednn_linear(x, *self._linear_cache.get(params["weight"], params["bias"]))
         else:
             w, b = self._cache.get(params["weight"], params["bias"])

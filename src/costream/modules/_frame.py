@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core._module import Age, CoModule
+from ._onednn import linear
 
 
 class _FrameMap(CoModule):
@@ -88,8 +89,8 @@ class Linear(_FrameMap, nn.Linear):
 
     def _map(self, x: Tensor) -> Tensor:
         if x.dim() == 2:
-            return F.linear(x, self.weight, self.bias)
-        return F.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
+            return linear(x, self.weight, self.bias)
+        return linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
 
     def _map_clip(self, x: Tensor) -> Tensor:
         if x.dim() < 3 or x.shape[1] != self.in_features:

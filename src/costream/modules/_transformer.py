@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import _attention_ops as ops
 from ._attention import _check_window, _WindowAttention, seq_call
+from ._onednn import linear
 
 _LAYER_PARTS = ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1",
                 "dropout2")
@@ -103,8 +104,8 @@ class TransformerEncoderLayer(_WindowAttention, nn.TransformerEncoderLayer):
 
     # ------------------------------------------------------------------ block pieces
     def _ff(self, z: Tensor) -> Tensor:
-        z = F.linear(z, self.linear1.weight, self.linear1.bias)
-        return F.linear(self.activation(z), self.linear2.weight, self.linear2.bias)
+        z = linear(z, self.linear1.weight, self.linear1.bias)
+        return linear(self.activation(z), self.linear2.weight, self.linear2.bias)
 
     def _attn_in(self, x: Tensor) -> Tensor:
         return _norm(self.norm1, x)
