@@ -12,9 +12,10 @@ Workloads are those of ``costream bench`` (:func:`costream.bench.resolve_workloa
   one :class:`costream.runtime.StreamEngine` step (one batched call) against stepping each stream
   with its own ``forward_step`` (stream holders sharing the network's layers). The one-by-one
   streams resume from the engine's state after its warm-up, so both continue the same streams
-  and their outputs are compared. Reported: milliseconds per step of all streams (medians of the
-  measured steps, nothing extrapolated). ``name@N`` steps the engine in blocks of ``N`` streams
-  (``StreamEngine(max_batch=N)``).
+  and their outputs are compared. They take turns in blocks of steps, each block starting with
+  untimed steps (as ``benchmarks/core.py`` does). Reported: milliseconds per step of all
+  streams (medians of the measured steps, nothing extrapolated). ``name@N`` steps the engine
+  in blocks of ``N`` streams (``StreamEngine(max_batch=N)``).
 * Backends: batch-1 latency per step of eager ``forward_step``, the step compiled with
   :func:`costream.runtime.compile_step` (inductor) and the ONNX export run in onnxruntime, plus
   the largest difference of the compiled and onnxruntime outputs from eager stepping.
@@ -46,8 +47,10 @@ from costream.bench._report import cpu_model
 from costream.core import tree_map
 from costream.runtime import StreamEngine, compile_step
 
-DEFAULT_ENGINE = ("tcn", "transformer", "cox3d_xs", "cox3d_xs@4")
+DEFAULT_ENGINE = ("tcn", "transformer", "cox3d_xs", "cox3d_xs@8")
 DEFAULT_BACKENDS = ("tcn", "transformer", "cox3d_xs")
+BLOCK, WARM_IN = 5, 2  # engine benchmark: timed steps per block, untimed steps before them
+FAST_ENGINE, FAST_STEPS_FACTOR = ("tcn",), 5  # workloads timed for 5x --steps
 
 
 class OtherLoad:
@@ -153,13 +156,24 @@ def bench_engine(spec: str, streams: int, steps: int, peak: float) -> dict[str, 
         t_engine: list[float] = []
         t_solo: list[float] = []
         diff = 0.0
-        for _ in range(steps):
-            frames = torch.randn(streams, *frame)
-            out = _timed(lambda f=frames: engine.step(dict(zip(ids, f, strict=True))), t_engine)
-            ref = _timed(lambda f=frames: [m.forward_step(x.unsqueeze(0))
-                                           for m, x in zip(solo, f, strict=True)], t_solo)
-            diff = max(diff, *(float((out[i] - r[0]).abs().max())
-                               for i, r in zip(ids, ref, strict=True)))
+        # blocks of steps, each implementation in turn; the first WARM_IN steps of a block run
+        # untimed, so that each is timed with its own weights and state back in cache, as when
+        # it runs alone (stepping 64 separate streams in between evicts the engine's, and back)
+        timed = 0
+        while timed < steps:
+            n = min(BLOCK, steps - timed)
+            block = [torch.randn(streams, *frame) for _ in range(WARM_IN + n)]
+            inputs = [dict(zip(ids, f, strict=True)) for f in block]
+            rows = [[x.unsqueeze(0) for x in f] for f in block]
+            outs = []
+            for j, d in enumerate(inputs):
+                outs.append(_timed(lambda d=d: engine.step(d), t_engine if j >= WARM_IN else []))
+            for j, r in enumerate(rows):
+                ref = _timed(lambda r=r: [m.forward_step(x) for m, x in zip(solo, r, strict=True)],
+                             t_solo if j >= WARM_IN else [])
+                diff = max(diff, *(float((outs[j][i] - y[0]).abs().max())
+                                   for i, y in zip(ids, ref, strict=True)))
+            timed += n
     e, s = _median_ms(t_engine), _median_ms(t_solo)
     floor = streams * macs / peak * 1e3
     return {"streams": streams, "max_batch": engine.max_batch, "frame_shape": list(frame),
@@ -243,8 +257,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="few steps; writes runtime_quick.*")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10,
-                   help="engine: measured steps of all streams after the warm-up")
+    p.add_argument("--steps", type=int, default=20,
+                   help="engine: measured steps of all streams after the warm-up (tcn: 5x)")
     p.add_argument("--engine", nargs="*", default=list(DEFAULT_ENGINE),
                    help="workloads for the engine vs one-by-one comparison")
     p.add_argument("--backends", nargs="*", default=list(DEFAULT_BACKENDS),
@@ -265,7 +279,9 @@ def main() -> None:
     results["peak_gemm_macs_per_s"] = peak
     print(f"peak GEMM rate {peak / 1e9:.1f} GMAC/s", flush=True)
     for name in args.engine:
-        results["engine"][name] = bench_engine(name, args.streams, steps, peak)
+        # a cheap step gets more timed steps: its medians are otherwise the noisiest
+        n = steps * FAST_STEPS_FACTOR if name in FAST_ENGINE and not args.quick else steps
+        results["engine"][name] = bench_engine(name, args.streams, n, peak)
         print(name, "engine", json.dumps(results["engine"][name]), flush=True)
     for name in args.backends:
         torch.manual_seed(0)
@@ -308,7 +324,10 @@ def _markdown(r: dict[str, Any], args: argparse.Namespace) -> str:
         f"## {args.streams} streams: engine (one batched step) vs one `forward_step` per stream",
         "",
         "Milliseconds per step of all streams, measured over the steps after the warm-up "
-        "(nothing extrapolated); max abs diff: engine vs one-by-one outputs.", "",
+        f"(nothing extrapolated), in blocks of {BLOCK} steps per implementation, each block "
+        f"after {WARM_IN} untimed steps (so each runs with its own weights and state in cache, "
+        "as when it runs alone); max abs diff: engine vs one-by-one outputs over every step.",
+        "",
         "Compute floor: the time the step's multiply-accumulates (MACs per stream step x "
         f"{args.streams}) take at the rate of a large float32 GEMM on this machine (the faster "
         f"of the BLAS and oneDNN), measured in the same run "
