@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import random
@@ -55,6 +54,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from _common import cpu_ticks, wait_idle, write_report
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -155,27 +155,9 @@ def embeddings(model: Any, data: list[dict[str, Tensor]]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- cost
-def _cpu_ticks() -> tuple[int, int]:
-    """(all, idle) CPU time of the machine in clock ticks, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    return sum(v), v[3] + v[4]
-
-
-def busy_cpus(interval: float = 1.0) -> float:
-    """CPUs busy (all processes) over ``interval`` seconds."""
-    t0, i0 = _cpu_ticks()
-    time.sleep(interval)
-    t1, i1 = _cpu_ticks()
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
-
-
 def wait_quiet(limit: float) -> float:
     """Wait up to ``limit`` seconds for the other processes to leave the CPUs idle."""
-    start = time.perf_counter()
-    while busy_cpus(2.0) > 0.3 and time.perf_counter() - start < limit:
-        pass
-    return time.perf_counter() - start
+    return wait_idle(limit)[0]
 
 
 def latency(original: Any, pruned: Any, repeats: int, batch: int = 32, seq: int = 128,
@@ -190,7 +172,7 @@ def latency(original: Any, pruned: Any, repeats: int, batch: int = 32, seq: int 
     mask = torch.ones_like(ids)
     times: dict[str, list[float]] = {"original": [], "pruned": []}
     models = {"original": original, "pruned": pruned}
-    ticks, wall, own = _cpu_ticks(), time.perf_counter(), time.process_time()
+    ticks, wall, own = cpu_ticks(), time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for m in models.values():
             m(input_ids=ids, attention_mask=mask)  # warm-up
@@ -200,7 +182,7 @@ def latency(original: Any, pruned: Any, repeats: int, batch: int = 32, seq: int 
                 models[name](input_ids=ids, attention_mask=mask)
                 times[name].append(time.perf_counter() - t0)
     pairs = sorted(a / b for a, b in zip(times["original"], times["pruned"]))
-    (t0, i0), (t1, i1) = ticks, _cpu_ticks()
+    (t0, i0), (t1, i1) = ticks, cpu_ticks()
     busy = (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
     other = max(0.0, busy - (time.process_time() - own) / (time.perf_counter() - wall))
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -457,8 +439,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stem = "bert_pruning_quick" if args.quick else "bert_pruning"
     plot(report, args.out / f"{stem}.png")
     report["plot"] = f"{stem}.png"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    write_report(args.out, stem, report, to_markdown(report))
     return report
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -47,6 +46,7 @@ from typing import Any
 
 import continual
 import torch
+from _common import write_report
 from torch import Tensor, nn
 
 import costream
@@ -591,12 +591,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     waited = report.get("quiet_wait", {}).get("waited_s", 0.0)
     report["elapsed_s"] = time.perf_counter() - t_start - waited  # excluding the quiet wait
     report["machine"]["loadavg_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "core_quick" if args.quick else "core"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
-    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')} "
-          f"in {report['elapsed_s']:.0f} s")
+    write_report(args.out, "core_quick" if args.quick else "core", report, to_markdown(report))
+    print(f"in {report['elapsed_s']:.0f} s")
     return report
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_report
 
 from costream.bench import resolve_workload, step_macs
 from costream.bench._report import cpu_model
@@ -291,11 +292,8 @@ def main() -> None:
                           "cores": os.cpu_count(), "python": platform.python_version(),
                           "wait_quiet": quiet}
     shutil.rmtree(cache, ignore_errors=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "runtime_quick" if args.quick else "runtime"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(_markdown(results, args))
+    write_report(Path(args.out), "runtime_quick" if args.quick else "runtime", results,
+                 _markdown(results, args))
 
 
 def _load(r: dict[str, Any]) -> str:

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_report
 
 from costream.bench import PtflopsCounter
 from costream.bench._report import cpu_model
@@ -267,11 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["macs"]["cost_gcn"] = macs("cost_gcn")
     report["loadavg_end"] = os.getloadavg()[0]
     report["elapsed_s"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "skeleton_quick" if args.quick else "skeleton"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
-    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
+    write_report(args.out, "skeleton_quick" if args.quick else "skeleton", report,
+                 to_markdown(report))
     return report
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -45,6 +44,7 @@ from typing import Any
 
 import continual
 import torch
+from _common import cpu_ticks, wait_idle, write_report
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -170,27 +170,9 @@ def measure_macs(layers: int, model: nn.Module, co_net: nn.Module, anchor: nn.Mo
 
 
 # ---------------------------------------------------------------------------- timing
-def _cpu_ticks() -> tuple[int, int]:
-    """(all, idle) CPU time of the machine in clock ticks, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    return sum(v), v[3] + v[4]
-
-
-def busy_cpus(interval: float = 1.0) -> float:
-    """CPUs busy (all processes) over ``interval`` seconds."""
-    t0, i0 = _cpu_ticks()
-    time.sleep(interval)
-    t1, i1 = _cpu_ticks()
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
-
-
 def wait_quiet(limit: float) -> dict[str, float]:
-    start = time.perf_counter()
-    busy = busy_cpus(2.0)
-    while busy > 0.3 and time.perf_counter() - start < limit:
-        busy = busy_cpus(2.0)
-    return {"waited_s": time.perf_counter() - start, "busy_cpus": busy}
+    waited, busy = wait_idle(limit)
+    return {"waited_s": waited, "busy_cpus": busy}
 
 
 def run(layers: int, threads: int, repeats: int, block: dict[str, int],
@@ -204,7 +186,7 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
     medians: dict[str, list[float]] = {k: [] for k in IMPLS}
     pos = dict.fromkeys(IMPLS, 0)
     clock = time.perf_counter_ns
-    cpu0, wall0, ticks0 = time.process_time(), time.perf_counter(), _cpu_ticks()
+    cpu0, wall0, ticks0 = time.process_time(), time.perf_counter(), cpu_ticks()
 
     def timed(impl: str, steps: int) -> list[int]:
         ns = []
@@ -229,7 +211,7 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
                 medians[impl].append(statistics.median(ns))
     reset(co_net)
     reset(anchor)
-    ticks1, wall, own = _cpu_ticks(), time.perf_counter() - wall0, time.process_time() - cpu0
+    ticks1, wall, own = cpu_ticks(), time.perf_counter() - wall0, time.process_time() - cpu0
     busy = (ticks1[0] - ticks0[0] - ticks1[1] + ticks0[1]) / os.sysconf("SC_CLK_TCK")
     lat = {k: {"median_us": statistics.median(v) / 1e3,
                "q1_us": statistics.quantiles(v, n=4)[0] / 1e3,
@@ -370,10 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     waited = sum(w["waited_s"] for w in report["quiet_waits"])
     report["elapsed_s"] = time.perf_counter() - start - waited  # excluding the quiet waits
     report["machine"]["loadavg_at_end"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "transformer_quick" if args.quick else "transformer"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    write_report(args.out, "transformer_quick" if args.quick else "transformer", report,
+                 to_markdown(report))
     return report
 
 

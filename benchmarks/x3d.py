@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import write_report
 
 from costream.bench import ptflops_macs, ptflops_step_macs
 from costream.bench._report import cpu_model
@@ -417,11 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     report["state_mb"] = sum(t.numel() * t.element_size() for _, t in tree_leaves(state)) / 2**20
     report["predictions"] = predictions(6 if args.quick else args.windows)
     report["elapsed_s"] = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "x3d_quick" if args.quick else "x3d"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
-    print(f"wrote {args.out / (stem + '.json')} and {args.out / (stem + '.md')}")
+    write_report(args.out, "x3d_quick" if args.quick else "x3d", report, to_markdown(report))
     return report
 
 

@@ -19,3 +19,13 @@ def seed() -> int:
 def dtype(request: pytest.FixtureRequest) -> torch.dtype:
     """Run a test in float64 (tight tolerances) and in float32 (realistic ones)."""
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny tensors or Python-bound work: a second thread only
+    adds synchronisation); modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ from models._inputs import (
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Export is Python-bound and the steps are tiny: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread
 
 
 def _torch_outputs(net: cs.CoModule, clip: torch.Tensor) -> list[torch.Tensor]:

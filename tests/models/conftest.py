@@ -3,15 +3,9 @@ multi-threaded small kernels slow and erratic."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _zoo_on_one_thread(one_thread: None) -> None:
+    """Every zoo test takes the shared ``one_thread`` fixture (tests/conftest.py)."""

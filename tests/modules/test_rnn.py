@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -16,14 +14,11 @@ KINDS = [(nn.RNN, cs.RNN, {"nonlinearity": "relu"}), (nn.RNN, cs.RNN, {}),
 IDS = ["rnn_relu", "rnn_tanh", "lstm", "lstm_proj", "gru"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():  # torch: "LSTM with projections is not supported with oneDNN"
-        warnings.filterwarnings("ignore", message=".*not supported with oneDNN")
-        yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),  # tiny tensors: one thread
+    # torch: "LSTM with projections is not supported with oneDNN"
+    pytest.mark.filterwarnings("ignore:.*not supported with oneDNN"),
+]
 
 
 def seq_of(x: Tensor, batch_first: bool) -> Tensor:

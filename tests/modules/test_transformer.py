@@ -13,13 +13,7 @@ from costream.testing import assert_streaming_equivalent
 D, HEADS, FF, N = 16, 4, 24, 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread
 
 
 def torch_encoder(layers: int, norm_first: bool = False, activation: object = "relu",

@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: machine load from /proc/stat and report files."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(all, idle) CPU time of the machine in clock ticks, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def busy_cpus(interval: float = 1.0) -> float:
+    """CPUs busy (all processes) over ``interval`` seconds."""
+    t0, i0 = cpu_ticks()
+    time.sleep(interval)
+    t1, i1 = cpu_ticks()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
+
+
+def wait_idle(limit: float, threshold: float = 0.3) -> tuple[float, float]:
+    """Wait up to ``limit`` seconds until at most ``threshold`` CPUs are busy (measured over
+    2 s); return (seconds waited, CPUs busy at the end)."""
+    start = time.perf_counter()
+    busy = busy_cpus(2.0)
+    while busy > threshold and time.perf_counter() - start < limit:
+        busy = busy_cpus(2.0)
+    return time.perf_counter() - start, busy
+
+
+def write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -> None:
+    """Write ``out/stem.json`` and ``out/stem.md`` and say so."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
