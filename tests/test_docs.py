@@ -47,3 +47,17 @@ def test_every_doc_page_is_in_the_navigation() -> None:
     pages = [p.relative_to(docs).as_posix() for p in docs.rglob("*.md")]
     assert pages
     assert [p for p in pages if p not in config] == []
+
+
+def test_deployment_guide_runs(tmp_path, monkeypatch) -> None:
+    """The guide's examples run in order, in one namespace, and hold what they assert."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.chdir(tmp_path)
+    page = ROOT / "docs" / "deployment.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) == 4
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)
+    assert namespace["engine"].active == [0]
+    assert namespace["y"].shape == (1, 8)
