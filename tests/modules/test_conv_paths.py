@@ -92,3 +92,16 @@ def test_a_model_copied_under_inference_mode_steps_correctly(batch: int) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
+
+
+def test_products_obey_cpu_autocast_like_torch() -> None:
+    """Under CPU autocast the products run in its dtype, as ``F.linear`` and ``addmm`` do;
+    a direct oneDNN call (float32) used to bypass it."""
+    torch.manual_seed(0)
+    linear = cs.Linear(1024, 1024).eval()   # 2^20 weights: the oneDNN path without autocast
+    conv = cs.Conv1d(256, 256, 3, padding=1).eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(torch.randn(2, 1024), linear.weight, linear.bias)
+        assert linear.forward_step(torch.randn(2, 1024)).dtype == ref.dtype == torch.bfloat16
+        ys = [conv.forward_step(torch.randn(96, 256)) for _ in range(3)]
+    assert ys[-1].dtype == torch.bfloat16

@@ -30,10 +30,11 @@ if ONEDNN_LINEAR is not None:
 
 
 def onednn_usable(x: Tensor) -> bool:
-    """Whether ``x`` may go through oneDNN's linear: float32 CPU inference, not traced."""
+    """Whether ``x`` may go through oneDNN's linear: float32 CPU inference, not traced, not
+    under CPU autocast (which ``F.linear`` obeys and a direct oneDNN call would bypass)."""
     return (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting())
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
 
 
 def prefers_onednn(rows: int, in_features: int, out_features: int) -> bool:
