@@ -16,6 +16,32 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(v), v[3] + v[4]
 
 
+class OtherLoad:
+    """CPUs kept busy by other processes since construction: the machine's busy CPU time
+    (/proc/stat) minus this process's own, per second of wall time (``None`` where
+    /proc/stat cannot be read)."""
+
+    def __init__(self) -> None:
+        self.start = _ticks_or_none()
+        self.own = sum(os.times()[:4])
+        self.wall = time.perf_counter()
+
+    def others(self) -> float | None:
+        end = _ticks_or_none()
+        if self.start is None or end is None:
+            return None
+        busy_s = ((end[0] - end[1]) - (self.start[0] - self.start[1])) / os.sysconf("SC_CLK_TCK")
+        own_s = sum(os.times()[:4]) - self.own
+        return max(0.0, (busy_s - own_s) / (time.perf_counter() - self.wall))
+
+
+def _ticks_or_none() -> tuple[int, int] | None:
+    try:
+        return cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def busy_cpus(interval: float = 1.0) -> float:
     """CPUs busy (all processes) over ``interval`` seconds."""
     t0, i0 = cpu_ticks()

@@ -54,7 +54,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from _common import cpu_ticks, wait_idle, write_report
+from _common import OtherLoad, wait_idle, write_report
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -172,7 +172,7 @@ def latency(original: Any, pruned: Any, repeats: int, batch: int = 32, seq: int 
     mask = torch.ones_like(ids)
     times: dict[str, list[float]] = {"original": [], "pruned": []}
     models = {"original": original, "pruned": pruned}
-    ticks, wall, own = cpu_ticks(), time.perf_counter(), time.process_time()
+    meter = OtherLoad()
     with torch.inference_mode():
         for m in models.values():
             m(input_ids=ids, attention_mask=mask)  # warm-up
@@ -182,9 +182,7 @@ def latency(original: Any, pruned: Any, repeats: int, batch: int = 32, seq: int 
                 models[name](input_ids=ids, attention_mask=mask)
                 times[name].append(time.perf_counter() - t0)
     pairs = sorted(a / b for a, b in zip(times["original"], times["pruned"]))
-    (t0, i0), (t1, i1) = ticks, cpu_ticks()
-    busy = (os.cpu_count() or 1) * (1 - (i1 - i0) / max(1, t1 - t0))
-    other = max(0.0, busy - (time.process_time() - own) / (time.perf_counter() - wall))
+    other = meter.others()
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"original_ms": 1e3 * med["original"], "pruned_ms": 1e3 * med["pruned"],
             "speedup": statistics.median(pairs), "speedup_min": pairs[0],

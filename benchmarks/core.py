@@ -46,7 +46,7 @@ from typing import Any
 
 import continual
 import torch
-from _common import write_report
+from _common import OtherLoad, write_report
 from torch import Tensor, nn
 
 import costream
@@ -227,41 +227,13 @@ def anchor_state_bytes(anchor: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------- machine load
-def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat, or None where unavailable."""
-    try:
-        with open("/proc/stat") as fh:
-            vals = [int(v) for v in fh.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-    return sum(vals) - idle, sum(vals)
-
-
-class LoadMeter:
-    """Average number of CPUs kept busy by other processes while a measurement ran."""
-
-    def __init__(self) -> None:
-        self.start = _cpu_jiffies()
-        self.own = sum(os.times()[:4])
-        self.wall = time.perf_counter()
-
-    def others(self) -> float | None:
-        end = _cpu_jiffies()
-        if self.start is None or end is None:
-            return None
-        busy_s = (end[0] - self.start[0]) / os.sysconf("SC_CLK_TCK")
-        own_s = sum(os.times()[:4]) - self.own
-        return max(0.0, (busy_s - own_s) / (time.perf_counter() - self.wall))
-
-
 def wait_quiet(max_wait: float, threshold: float = 0.2, need: int = 5) -> dict[str, Any]:
     """Wait (up to ``max_wait`` s) until other processes used under ``threshold`` CPUs for
     ``need`` consecutive seconds."""
     t0 = time.perf_counter()
     streak = 0
     while time.perf_counter() - t0 < max_wait:
-        meter = LoadMeter()
+        meter = OtherLoad()
         time.sleep(1.0)
         load = meter.others()
         if load is None:
@@ -309,7 +281,7 @@ def run_workload(w: Workload, threads: int, repeats: int, quick: bool,
     samples: dict[str, list[int]] = {k: [] for k in IMPLS}
     block_medians: dict[str, list[float]] = {k: [] for k in IMPLS}
     position = dict.fromkeys(IMPLS, 0)
-    meter = LoadMeter()
+    meter = OtherLoad()
     with torch.inference_mode():
         reset(co_net)
         reset(anchor)
@@ -319,7 +291,7 @@ def run_workload(w: Workload, threads: int, repeats: int, quick: bool,
             position[impl] += n
         kept = discarded = r = 0
         while kept < repeats:
-            repeat_meter = LoadMeter()
+            repeat_meter = OtherLoad()
             got: dict[str, list[int]] = {}
             for j in range(len(IMPLS)):
                 impl = IMPLS[(r + j) % len(IMPLS)]

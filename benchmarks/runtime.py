@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import write_report
+from _common import OtherLoad, write_report
 
 from costream.bench import resolve_workload, step_macs
 from costream.bench._report import cpu_model
@@ -52,32 +52,6 @@ DEFAULT_ENGINE = ("tcn", "transformer", "cox3d_xs", "cox3d_xs@8")
 DEFAULT_BACKENDS = ("tcn", "transformer", "cox3d_xs")
 BLOCK, WARM_IN = 5, 2  # engine benchmark: timed steps per block, untimed steps before them
 FAST_ENGINE, FAST_STEPS_FACTOR = ("tcn",), 5  # workloads timed for 5x --steps
-
-
-class OtherLoad:
-    """CPUs kept busy by other processes since construction (``None`` without /proc/stat)."""
-
-    def __init__(self) -> None:
-        self.start = self._busy()
-        self.own = sum(os.times()[:4])
-        self.wall = time.perf_counter()
-
-    @staticmethod
-    def _busy() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-    def others(self) -> float | None:
-        end = self._busy()
-        if self.start is None or end is None:
-            return None
-        own = sum(os.times()[:4]) - self.own
-        return max(0.0, (end - self.start - own) / (time.perf_counter() - self.wall))
 
 
 def wait_quiet(max_wait: float, threshold: float = 0.5) -> dict[str, Any]:

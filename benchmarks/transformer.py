@@ -44,7 +44,7 @@ from typing import Any
 
 import continual
 import torch
-from _common import cpu_ticks, wait_idle, write_report
+from _common import OtherLoad, wait_idle, write_report
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -186,7 +186,7 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
     medians: dict[str, list[float]] = {k: [] for k in IMPLS}
     pos = dict.fromkeys(IMPLS, 0)
     clock = time.perf_counter_ns
-    cpu0, wall0, ticks0 = time.process_time(), time.perf_counter(), cpu_ticks()
+    meter = OtherLoad()
 
     def timed(impl: str, steps: int) -> list[int]:
         ns = []
@@ -211,8 +211,7 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
                 medians[impl].append(statistics.median(ns))
     reset(co_net)
     reset(anchor)
-    ticks1, wall, own = cpu_ticks(), time.perf_counter() - wall0, time.process_time() - cpu0
-    busy = (ticks1[0] - ticks0[0] - ticks1[1] + ticks0[1]) / os.sysconf("SC_CLK_TCK")
+    other = meter.others()
     lat = {k: {"median_us": statistics.median(v) / 1e3,
                "q1_us": statistics.quantiles(v, n=4)[0] / 1e3,
                "q3_us": statistics.quantiles(v, n=4)[2] / 1e3, "samples": len(v)}
@@ -230,7 +229,7 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
         "target_anchor_over_costream": target,
         "target_met": ratios["anchor_over_costream"] >= target
         and ratios["window_over_costream"] > 1.0,
-        "other_processes_cpus": max(0.0, (busy - own) / wall),
+        "other_processes_cpus": other,
     }
 
 
