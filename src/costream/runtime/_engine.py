@@ -130,7 +130,7 @@ class StreamEngine:
             ages = self._ages(ids)
             tree = self._blocks[block]
             lo = block * self.max_batch
-            if len(ids) == _leading(tree, len(ids)):  # the whole block: no gather/scatter
+            if len(ids) == min(self.max_batch, self.capacity - lo):  # the whole block: as it is
                 y, self._blocks[block], _, _ = self.module._step(x, tree, ages, phase)
             else:
                 idx = torch.tensor([i - lo for i in ids], device=self.device)
@@ -186,14 +186,6 @@ class StreamEngine:
     def _check(self, sid: int) -> None:
         if not (0 <= sid < self.capacity) or not self._active[sid]:
             raise KeyError(f"no open stream with id {sid}")
-
-
-def _leading(tree: State, default: int) -> int:
-    """The batch size of a state pytree (``default`` for a state without tensors)."""
-    from ..core._tree import tree_leaves
-
-    first = next(tree_leaves(tree), None)
-    return default if first is None else first[1].shape[0]
 
 
 def _float_leaves(tree: State):
