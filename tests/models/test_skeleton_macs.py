@@ -22,8 +22,7 @@ from torch import nn
 
 from costream.bench import PtflopsCounter, count_macs, ptflops_macs, ptflops_step_macs
 from costream.models import create_model, list_models
-from costream.models._stgcn_linear import rows_linear
-from costream.modules._onednn import ONEDNN_LINEAR
+from costream.modules._onednn import ONEDNN_LINEAR, onednn_linear
 
 MATMUL = ("mm", "bmm", "matmul")
 # offline: params (M), GMACs per 300-frame clip; continual: GMACs per prediction
@@ -140,11 +139,11 @@ def test_forward_step_executes_the_theoretical_cost(name: str) -> None:
 
 @pytest.mark.skipif(ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 def test_the_onednn_frame_linear_is_counted() -> None:
-    """Float32 inference steps frames with oneDNN's linear; both MAC counters see it."""
+    """Float32 inference steps products with oneDNN's linear; both MAC counters see it."""
     rows, weight, bias = torch.randn(50, 64), torch.randn(576, 64), torch.randn(576)
     with torch.inference_mode(), PtflopsCounter() as counter:
-        y = rows_linear(rows, weight, bias)
+        y = onednn_linear(rows, weight, bias)
     assert counter.by_op["_linear_pointwise"] == counter.total == 50 * 576 * 64 + 50 * 576
     with torch.inference_mode():
-        assert count_macs(rows_linear, rows, weight, bias) == 50 * 576 * 64
+        assert count_macs(onednn_linear, rows, weight, bias) == 50 * 576 * 64
     torch.testing.assert_close(y, rows @ weight.T + bias, rtol=1e-5, atol=1e-4)

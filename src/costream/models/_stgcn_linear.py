@@ -1,30 +1,17 @@
 """Matrix products of the ST-GCN family's per-frame layers and its temporal convolution.
 
 A skeleton frame is tiny (persons x joints, e.g. 2 x 25 positions), so every layer of a step is
-a narrow matrix product. :func:`rows_linear` runs them through oneDNN's linear for float32
-inference on the CPU, markedly faster than the BLAS GEMM at this shape; :class:`TemporalConv`
-steps a ``(k, 1)`` temporal convolution as one such product.
+a narrow matrix product, run by :func:`costream.modules._onednn.linear` (oneDNN or the BLAS,
+whichever is faster at the shape); :class:`TemporalConv` steps a ``(k, 1)`` temporal
+convolution as one such product.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 import costream as cs
-from costream.modules._onednn import onednn_linear, onednn_usable
-
-
-def rows_linear(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``rows @ weight.T + bias`` for ``rows`` ``(R, K)`` and ``weight`` ``(N, K)``.
-
-    Float32 inference on the CPU runs oneDNN's linear: with the few rows of one skeleton
-    frame (persons x joints) it is markedly faster than the BLAS GEMM. Compiled and exported
-    graphs, autograd and other dtypes use ``F.linear``.
-    """
-    if onednn_usable(rows):
-        return onednn_linear(rows, weight, bias)
-    return F.linear(rows, weight, bias)
+from costream.modules._onednn import linear
 
 
 def linear_channels(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -34,7 +21,7 @@ def linear_channels(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """
     n, c = x.shape[:2]
     rows = x.reshape(n, c, -1).transpose(1, 2).reshape(-1, c)  # (N * L, C_in)
-    y = rows_linear(rows, weight, bias).view(n, -1, weight.shape[0]).transpose(1, 2)
+    y = linear(rows, weight, bias).view(n, -1, weight.shape[0]).transpose(1, 2)
     return y.view(n, weight.shape[0], *x.shape[2:])
 
 
@@ -43,7 +30,7 @@ class TemporalConv(cs.Conv2d):
 
     Each step maps the frame's joints ``(M * V, C_in)`` with the kernel's ``k`` taps stacked as
     one ``(k * C_out, C_in)`` linear map (CPU convolution kernels handle this 1-wide case far
-    slower than a GEMM; see :func:`rows_linear`); ``forward`` on a clip is torch's ``Conv2d``.
+    slower than a GEMM); ``forward`` on a clip is torch's ``Conv2d``.
     Parameters are those of ``Conv2d(C_in, C_out, (k, 1))``.
 
     Shape:
@@ -75,7 +62,7 @@ class TemporalConv(cs.Conv2d):
         params = self._parameters
         w, b = (kernel or self._cache).get(params["weight"], params["bias"])
         n, c, s = x.shape
-        z = rows_linear(x.transpose(1, 2).reshape(n * s, c), w, b).view(n, s, -1)
+        z = linear(x.transpose(1, 2).reshape(n * s, c), w, b).view(n, s, -1)
         # (N, S, taps * C_out) -> (N, groups=1, taps, C_out, S), a view
         return z.transpose(1, 2).view(n, 1, w.shape[0] // self.out_channels,
                                       self.out_channels, s)
