@@ -60,6 +60,23 @@ def wait_idle(limit: float, threshold: float = 0.3) -> tuple[float, float]:
     return time.perf_counter() - start, busy
 
 
+def machine(**versions: str) -> dict[str, Any]:
+    """Machine facts recorded with a benchmark's results; ``versions`` adds package versions
+    (in the order given, after torch's)."""
+    import datetime as dt
+    import platform
+
+    import torch
+
+    import costream
+    from costream.bench._report import cpu_model
+
+    return {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
+            **versions, "costream": costream.__version__, "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg(),
+            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) -> None:
     """Write ``out/stem.json`` and ``out/stem.md`` and say so."""
     out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import platform
 import random
@@ -54,12 +53,10 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from _common import OtherLoad, wait_idle, write_report
+from _common import OtherLoad, machine, wait_idle, write_report
 from torch import Tensor
 from tqdm.auto import tqdm
 
-import costream
-from costream.bench._report import cpu_model
 from costream.prune import count_macs, task_storage
 from costream.prune.adapters import merge_adapters
 from costream.prune.hf import (
@@ -279,16 +276,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- output
-def machine() -> dict[str, Any]:
-    import transformers
-
-    cpu = cpu_model()
-    return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "costream": costream.__version__,
-            "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),
-            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")}
-
-
 def verdict(report: dict[str, Any]) -> dict[str, Any]:
     """Acceptance checks at 30 % sparsity."""
     rows = {r["method"]: r for r in report["rows"] if abs(r["sparsity"] - 0.3) < 1e-9}
@@ -427,7 +414,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
-    info = machine()
+    import transformers
+
+    info = machine(transformers=transformers.__version__)
     report = run(args)
     report = {"command": shlex.join(["python", "benchmarks/bert_pruning.py", *raw]),
               "machine": info, "threads": args.threads, **report}

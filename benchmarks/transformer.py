@@ -30,9 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -44,12 +42,11 @@ from typing import Any
 
 import continual
 import torch
-from _common import OtherLoad, wait_idle, write_report
+from _common import OtherLoad, machine, wait_idle, write_report
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import costream
-from costream.bench._report import cpu_model
 
 D, HEADS, FF, N = 512, 8, 2048, 64
 IMPLS = ("costream", "anchor", "window")
@@ -234,14 +231,6 @@ def run(layers: int, threads: int, repeats: int, block: dict[str, int],
 
 
 # ---------------------------------------------------------------------------- reporting
-def machine() -> dict[str, Any]:
-    cpu = cpu_model()
-    return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "continual_inference": continual.__version__, "costream": costream.__version__,
-            "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),
-            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")}
-
-
 def _m(v: float) -> str:
     return f"{v / 1e6:.3f} M"
 
@@ -322,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
     report: dict[str, Any] = {"command": shlex.join(["python", "benchmarks/transformer.py", *raw]),
-                              "machine": machine(), "static": {}, "results": [],
+                              "machine": machine(continual_inference=continual.__version__),
+                              "static": {}, "results": [],
                               "quiet_waits": []}
     start = time.perf_counter()
     built: dict[int, dict[str, Any]] = {}
