@@ -13,10 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from .core._module import CoModule
-from .modules import _attention, _conv, _frame, _pool, _rnn, _transformer
-from .modules._pointwise import is_pointwise
-from .modules._sequential import Sequential
+from ..core._module import CoModule
+from ..modules import _attention, _conv, _frame, _pool, _rnn, _transformer
+from ..modules._pointwise import is_pointwise
+from ..modules._sequential import Sequential
 
 Handler = Callable[..., nn.Module]
 _HANDLERS: dict[type[nn.Module], Handler] = {}
