@@ -15,7 +15,7 @@ Supported layouts (REFERENCE facts; Co3D, arXiv 2106.00050, reuses these weights
 
 Files are read with ``torch.load(weights_only=True)`` (no code from the file runs). Anything that
 does not fit raises :class:`CheckpointError` naming the missing and unexpected keys and the shape
-mismatches.
+mismatches; two checkpoint keys that rename onto the same model key are refused, naming both.
 """
 
 from __future__ import annotations
@@ -205,7 +205,36 @@ def map_checkpoint(state: Mapping[str, Tensor], model: nn.Module,
     if layout == "stgcn":
         return map_stgcn_keys(state)
     prefix, block = _tables(model, layout)
-    return {_rename(k, prefix, block): v for k, v in state.items()}
+    return rename_keys(state, lambda k: _rename(k, prefix, block))
+
+
+def rename_keys(state: Mapping[str, Tensor], rename: Callable[[str], str]) -> dict[str, Tensor]:
+    """``{rename(key): value}`` of ``state``; two keys renamed onto one are refused.
+
+    Raises:
+        CheckpointError: naming both source keys and the model key they share (otherwise the
+            later one would silently win).
+
+    Example:
+        >>> import torch
+        >>> from costream.models._checkpoints import CheckpointError, rename_keys
+        >>> state = {"model.fc.weight": torch.zeros(1), "fc.weight": torch.ones(1)}
+        >>> try:
+        ...     rename_keys(state, lambda k: k.removeprefix("model."))
+        ... except CheckpointError as err:
+        ...     print(err)
+        checkpoint keys 'model.fc.weight' and 'fc.weight' both map to the model key
+        'fc.weight'; keep one of them
+    """
+    out: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in state.items():
+        new = rename(key)
+        if new in out:
+            raise CheckpointError(f"checkpoint keys {origin[new]!r} and {key!r} both map to the "
+                                  f"model key {new!r}; keep one of them")
+        out[new], origin[new] = value, key
+    return out
 
 
 def architecture_options(state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:

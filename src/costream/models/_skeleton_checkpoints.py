@@ -37,7 +37,9 @@ def is_stgcn_layout(keys: list[str]) -> bool:
 def map_stgcn_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename published ST-GCN family keys to :class:`~costream.models.STGCN`'s.
 
-    Keys already in costream's layout pass unchanged.
+    Keys already in costream's layout pass unchanged. Two keys that rename onto one (e.g.
+    ``model.fc.weight`` next to ``fc.weight``) raise :class:`~costream.models.CheckpointError`
+    naming both.
 
     Example:
         >>> import torch
@@ -47,8 +49,11 @@ def map_stgcn_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         >>> list(map_stgcn_keys(state))
         ['layers.layer5.main.gcn.g_conv.0.weight', 'layers.layer5.residual.t_conv.weight']
     """
-    out = {}
-    for key, value in state.items():
-        new = _BLOCK.sub(r"layers.\1.main.\2.", _PREFIX.sub("", key), count=1)
-        out[new] = value
-    return out
+    from ._checkpoints import rename_keys  # the loader imports this module
+
+    return rename_keys(state, stgcn_key)
+
+
+def stgcn_key(key: str) -> str:
+    """The :class:`~costream.models.STGCN` key of one published ST-GCN family key."""
+    return _BLOCK.sub(r"layers.\1.main.\2.", _PREFIX.sub("", key), count=1)
