@@ -94,6 +94,8 @@ def kept_masks(model: nn.Module) -> dict[str, dict[str, Tensor]]:
 def apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) -> nn.Module:
     """Prune ``model`` (in place) to the channels ``masks`` keep; see :func:`kept_masks`.
 
+    Every parameter keeps its ``requires_grad`` flag (frozen base weights stay frozen).
+
     Raises:
         ValueError: a module is missing, cannot be pruned, or a mask's length differs from the
             module's current width.
@@ -107,6 +109,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) -> 
         (2, 2)
     """
     modules = dict(model.named_modules())
+    # Torch-Pruning replaces pruned parameters by new ones, which require grad: keep the flags
+    # (an adapted model's frozen base weights stay frozen)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, entry in masks.items():
         if name not in modules:
             raise ValueError(f"mask for module {name!r}, which the model does not have")
@@ -132,6 +137,8 @@ def apply_masks(model: nn.Module, masks: Mapping[str, Mapping[str, Tensor]]) -> 
                 record_removal(module, kind, removed)
                 fn = pruner.prune_out_channels if kind == "out" else pruner.prune_in_channels
                 fn(module, removed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, p.requires_grad))
     refresh(model)
     return model
 

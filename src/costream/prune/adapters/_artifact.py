@@ -12,10 +12,16 @@ A task derived from a base network (pruned, adapted, fine-tuned) is stored as:
 * ``buffer/<name>``: floating-point buffers of modules with trainable parameters (batch-norm
   statistics), which training changes too.
 
+:func:`save_artifact` also rebuilds the task from what it is about to store and adds every
+buffer (e.g. running statistics that adapter training changed in a frozen batch norm) and every
+parameter that would otherwise come back different, so the stored task is the task.
+
 The metadata holds the format version, the SHA-256 of the base state dict, the adapter config
-(JSON) and the names of the adapted modules. :func:`load_artifact` rebuilds the derived model from
-the base: it prunes a copy with the masks, adds the adapters, loads the tensors, and refuses any
-mismatch (unknown module names, shapes, another base) with a message saying which.
+(JSON), the names of the adapted modules, the list of entries and a SHA-256 over the artifact's
+own content (every tensor and the metadata). :func:`load_artifact` rebuilds the derived model from
+the base: it checks the entries and the content checksum, prunes a copy with the masks, adds the
+adapters, loads the tensors, and refuses any mismatch (unknown or missing entries, a damaged
+file, unknown module names, shapes, another base) with a message saying which.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from ._layer import AdapterLayer
 from ._model import adapter_layers, adapter_state, add_adapters
 
 FORMAT = "costream-task-artifact"
-VERSION = "1"
+VERSION = "2"
+_PREFIXES = ("mask/", "adapter/", "shared/", "param/", "buffer/")
 
 
 def base_checksum(model: nn.Module) -> str:
@@ -50,14 +57,32 @@ def base_checksum(model: nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_tensor(h, name, t)
+    return h.hexdigest()
+
+
+def _hash_tensor(h: hashlib._Hash, name: str, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def content_checksum(tensors: dict[str, Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over an artifact's tensors (names, dtypes, shapes, bytes) and its metadata."""
+    h = hashlib.sha256()
+    for key, value in sorted(meta.items()):
+        if key != "content_sha256":
+            h.update(f"{key}={value}\n".encode())
+    for name, t in sorted(tensors.items()):
+        _hash_tensor(h, name, t)
     return h.hexdigest()
 
 
 def artifact_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Every tensor :func:`save_artifact` stores for ``model``, by artifact key.
+    """The tensors :func:`save_artifact` stores for ``model`` by its structure, by artifact key.
+
+    :func:`save_artifact` adds the buffers and parameters that differ from the base otherwise
+    (it needs the base to tell).
 
     Example:
         >>> import torch
@@ -135,8 +160,28 @@ def save_artifact(path: str | Path, model: nn.Module, base: nn.Module) -> dict[s
         "adapter_config": config.to_json() if config else "",
         "adapter_modules": json.dumps(sorted(adapter_layers(model))),
     }
+    tensors.update(_differences(model, _rebuild(tensors, meta, base)))
+    meta["entries"] = json.dumps(sorted(tensors))
+    meta["content_sha256"] = content_checksum(tensors, meta)
     save_file(tensors, str(path), metadata=meta)
     return meta
+
+
+def _differences(model: nn.Module, rebuilt: nn.Module) -> dict[str, Tensor]:
+    """``param/`` and ``buffer/`` entries for every tensor of ``model`` that the model
+    ``rebuilt`` from the artifact so far does not reproduce exactly."""
+    out: dict[str, Tensor] = {}
+    for prefix, ours, theirs in (("param/", model.named_parameters(), rebuilt.named_parameters()),
+                                 ("buffer/", model.named_buffers(), rebuilt.named_buffers())):
+        other = dict(theirs)
+        for name, t in ours:
+            if name not in other:
+                raise ValueError(f"cannot store the task: its {prefix[:-1]} {name!r} has no "
+                                 f"counterpart in the model rebuilt from the base")
+            o = other[name]
+            if o.dtype != t.dtype or o.shape != t.shape or not torch.equal(o, t.detach()):
+                out[f"{prefix}{name}"] = t.detach().clone().contiguous()
+    return out
 
 
 def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
@@ -153,12 +198,14 @@ def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
         >>> torch.allclose(load_artifact(path, base)(x), task(x))
         True
 
-    Checks, in order: the file format, that every module the artifact names exists in the base,
-    the shapes of masks and tensors, and the base checksum. The model comes back in eval mode
-    with adapters unmerged (see :func:`merge_adapters`).
+    Checks, in order: the file format, that the file holds exactly the entries it lists (none
+    unknown, none missing or renamed), the checksum of its content (a flipped mask bit or an
+    edited tensor is refused), that every module the artifact names exists in the base, the
+    shapes of masks and tensors, and the base checksum. The model comes back in eval mode with
+    adapters unmerged (see :func:`merge_adapters`).
 
     Raises:
-        ValueError: on any mismatch between the artifact and ``base``.
+        ValueError: on any mismatch between the artifact and ``base``, or a damaged artifact.
     """
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -168,6 +215,37 @@ def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
         raise ValueError(f"artifact version {meta.get('version')!r} is not supported "
                          f"(expected {VERSION})")
     tensors = load_file(str(path))
+    _check_content(path, tensors, meta)
+    model = _rebuild(tensors, meta, base)
+    checksum = base_checksum(base)
+    if checksum != meta.get("base_sha256"):
+        raise ValueError(f"base checksum mismatch: the artifact was derived from a base with "
+                         f"SHA-256 {meta.get('base_sha256')}, this base has {checksum}")
+    return model.eval()
+
+
+def _check_content(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    unknown = sorted(k for k in tensors if not k.startswith(_PREFIXES))
+    if unknown:
+        raise ValueError(f"{path}: unknown entries {unknown} (a task artifact holds only "
+                         f"{', '.join(_PREFIXES)} entries)")
+    try:
+        listed = set(json.loads(meta["entries"]))
+        expected_sum = meta["content_sha256"]
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: the metadata lacks the list of entries or the content "
+                         f"checksum; the file is damaged") from None
+    missing, extra = sorted(listed - set(tensors)), sorted(set(tensors) - listed)
+    if missing or extra:
+        raise ValueError(f"{path}: entries do not match the artifact's list (missing or "
+                         f"renamed: {missing}; not listed: {extra})")
+    if content_checksum(tensors, meta) != expected_sum:
+        raise ValueError(f"{path}: content checksum mismatch: a mask, tensor or metadata field "
+                         f"changed after the artifact was saved (damaged or edited file)")
+
+
+def _rebuild(tensors: dict[str, Tensor], meta: dict[str, str], base: nn.Module) -> nn.Module:
+    """A copy of ``base`` pruned by the masks, with the adapters and tensors of an artifact."""
     model = copy.deepcopy(base)
     names = dict(model.named_modules())
     masks: dict[str, dict[str, Tensor]] = {}
@@ -189,11 +267,7 @@ def load_artifact(path: str | Path, base: nn.Module) -> nn.Module:
                          f"model yields {sorted(layers)}")
     _load_adapters(tensors, layers)
     _load_named(tensors, model)
-    checksum = base_checksum(base)
-    if checksum != meta.get("base_sha256"):
-        raise ValueError(f"base checksum mismatch: the artifact was derived from a base with "
-                         f"SHA-256 {meta.get('base_sha256')}, this base has {checksum}")
-    return model.eval()
+    return model
 
 
 def _load_adapters(tensors: dict[str, Tensor], layers: dict[str, AdapterLayer]) -> None:
