@@ -12,7 +12,7 @@ Example:
 """
 
 from ._version import __version__
-from .convert import continual, register_handler
+from .convert import NotStreamableError, continual, register_handler
 from .core import CoModule, Temporal, call_mode
 from .modules import (
     GRU,
@@ -34,6 +34,7 @@ from .modules import (
     Conv2d,
     Conv3d,
     Delay,
+    Graph,
     Lambda,
     Linear,
     MaxPool1d,
@@ -57,9 +58,9 @@ __all__ = [
     "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d",
     "AdaptiveMaxPool2d", "AdaptiveMaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d", "Broadcast",
     "BroadcastReduce", "CoModule", "Conditional", "Conv1d", "Conv2d", "Conv3d", "Delay", "GRU",
-    "LSTM", "Lambda", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d", "Parallel", "RNN",
-    "RecyclingPositionalEncoding", "Reduce", "Reshape", "Residual", "RetroactiveMultiheadAttention",
-    "Sequential", "SingleOutputMultiheadAttention", "Skip", "Temporal", "TransformerEncoder",
-    "TransformerEncoderLayer", "__version__", "call_mode", "continual", "register_handler",
-    "register_pointwise",
+    "Graph", "LSTM", "Lambda", "Linear", "MaxPool1d", "MaxPool2d", "MaxPool3d",
+    "NotStreamableError", "Parallel", "RNN", "RecyclingPositionalEncoding", "Reduce", "Reshape",
+    "Residual", "RetroactiveMultiheadAttention", "Sequential", "SingleOutputMultiheadAttention",
+    "Skip", "Temporal", "TransformerEncoder", "TransformerEncoderLayer", "__version__",
+    "call_mode", "continual", "register_handler", "register_pointwise",
 ]

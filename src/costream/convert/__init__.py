@@ -6,5 +6,7 @@ Resolution order for each module: a handler registered for its type
 """
 
 from ._registry import _HANDLERS, continual, convert_child, register_handler
+from ._report import Blocker, NotStreamableError
 
-__all__ = ["_HANDLERS", "continual", "convert_child", "register_handler"]
+__all__ = ["Blocker", "NotStreamableError", "_HANDLERS", "continual", "convert_child",
+           "register_handler"]

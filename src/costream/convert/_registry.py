@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..core._module import CoModule
 from ..modules import _attention, _conv, _frame, _pool, _rnn, _transformer
@@ -52,7 +52,9 @@ def register_handler(module_type: type[nn.Module], handler: Handler | None = Non
     return handler
 
 
-def continual(model: nn.Module, *, temporal_window: int | None = None) -> nn.Module:
+def continual(model: nn.Module, *, temporal_window: int | None = None,
+              attention: str = "exact", example: Tensor | None = None,
+              time_dim: int = 2) -> nn.Module:
     """Convert ``model`` into a continual module that shares its parameters.
 
     Args:
@@ -60,10 +62,28 @@ def continual(model: nn.Module, *, temporal_window: int | None = None) -> nn.Mod
             point-wise modules, ``nn.Sequential``), continual modules, or types with a handler
             registered through :func:`register_handler`.
         temporal_window: frames pooled by converted adaptive pools (their offline temporal
-            output size must be 1).
+            output size must be 1), tokens attended over by converted attention layers and
+            Transformer encoders.
+        attention: how the retroactive attention of Transformer encoders of two or more layers
+            updates the outputs of the window's tokens per step. ``"exact"`` (default)
+            recomputes them from cached queries, keys and values (``2 n^2 d_h`` MACs per head):
+            exact at any score, non-finite exactly where the window computation is.
+            ``"running"`` updates running softmax sums (the paper's ``O(n d_h)`` update): it
+            loses accuracy, down to NaN, for sharply peaked attention, and a non-finite token
+            keeps outputs non-finite up to ``n - 1`` steps longer (see
+            :class:`RetroactiveMultiheadAttention`). It is the layers' ``recompute`` flag
+            (``"exact"``: ``True``).
+        example: a clip shaped like the model's input, used when the model is converted by
+            tracing its ``forward`` (a model with a custom ``forward``; see
+            ``docs/converting.md``): time axes and delays are propagated from it. Without it,
+            a clip is guessed from the first convolution (``(2, C_in, 24, 32, ...)``).
+        time_dim: the time axis of the model's input clips (default 2: ``(B, C, T, ...)``;
+            e.g. 1 for ``(B, T, C)`` layouts). Models with ``time_dim != 2`` are traced.
 
     Raises:
-        TypeError: naming the first module (by path) that mixes time steps and has no handler.
+        NotStreamableError: (a ``TypeError``) listing every operation that cannot stream, each
+            with its module path, op, source line and reason.
+        ValueError: for an ``attention`` other than ``"exact"`` or ``"running"``.
 
     Example:
         >>> import torch, costream as cs
@@ -75,8 +95,35 @@ def continual(model: nn.Module, *, temporal_window: int | None = None) -> nn.Mod
         >>> co.load_state_dict(net.state_dict())  # same names
         <All keys matched successfully>
     """
-    options = {"temporal_window": temporal_window}
-    return _convert(model, "", options)
+    if attention not in ("exact", "running"):
+        raise ValueError(f"attention must be 'exact' or 'running', got {attention!r}")
+    options = {"temporal_window": temporal_window, "attention": attention}
+    if isinstance(time_dim, bool) or not isinstance(time_dim, int) or time_dim < 1:
+        raise ValueError(f"time_dim must be an int >= 1 (dim 0 is the batch), got {time_dim!r}")
+    if time_dim == 2:
+        try:
+            return _convert(model, "", options)
+        except _NoHandler:
+            if not isinstance(model, nn.Module) or is_pointwise(model):
+                raise
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"continual() expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, CoModule):
+        return model
+    from ._trace import trace_graph
+
+    def convert(module: nn.Module, path: str, window: int | None) -> nn.Module:
+        opts = dict(options)
+        if window is not None:
+            opts["temporal_window"] = window
+        return _convert(module, path, opts)
+
+    return trace_graph(model, _HANDLERS, convert, example=example, time_dim=time_dim,
+                       temporal_window=temporal_window)
+
+
+class _NoHandler(TypeError):
+    """A module type without a handler that is not point-wise (the model may be traced)."""
 
 
 def convert_child(module: nn.Module, name: str) -> nn.Module:
@@ -89,22 +136,44 @@ def _convert(module: nn.Module, path: str, options: dict[str, Any]) -> nn.Module
         return module
     handler = _HANDLERS.get(type(module))
     if handler is not None:
+        keep = {id(m) for m in module.modules()}  # shared source modules keep their own mode
+
         def convert(child: nn.Module, name: str = "") -> nn.Module:
-            return _convert(child, f"{path}.{name}" if path and name else name or path, options)
+            out = _convert(child, f"{path}.{name}" if path and name else name or path, options)
+            keep.add(id(out))  # a converted child carries its own source's mode
+            return out
 
         try:
-            return handler(module, convert, **options)
+            result = handler(module, convert, **options)
         except TypeError as err:
             if "unexpected keyword" not in str(err):
                 raise
-            return handler(module, convert)
+            result = handler(module, convert)
+        # the result and the modules its handler built get the source's training flag
+        todo = [] if result is module else [result]
+        while todo:
+            m = todo.pop()
+            m.training = module.training
+            todo.extend(c for c in m.children() if id(c) not in keep)
+        return result
     if is_pointwise(module):
         return module
     where = f"'{path}'" if path else "the model itself"
-    raise TypeError(
-        f"cannot make {type(module).__name__} ({where}) continual: it may mix time steps and no "
-        f"handler is registered for it. Register one with costream.register_handler("
-        f"{type(module).__name__}, fn), or costream.register_pointwise({type(module).__name__}) "
+    name = type(module).__name__
+    temporal = [p for p, m in module.named_modules() if p and type(m) in _HANDLERS]
+    if temporal:
+        raise _NoHandler(
+            f"cannot make {name} ({where}) continual on its own: it has no handler and contains "
+            f"temporal layers ({', '.join(temporal[:3])}{', ...' if len(temporal) > 3 else ''}). "
+            f"Convert the model that contains it with costream.continual(model, example=clip) "
+            f"to trace its forward, or register a handler with costream.register_handler("
+            f"{name}, fn)."
+        )
+    raise _NoHandler(
+        f"cannot make {name} ({where}) continual: it may mix time steps and no "
+        f"handler is registered for it. Convert the model with costream.continual(model, "
+        f"example=clip) to trace its forward, register a handler with "
+        f"costream.register_handler({name}, fn), or costream.register_pointwise({name}) "
         f"if it acts on each time step independently."
     )
 
@@ -114,16 +183,20 @@ def _sequential(module: nn.Sequential, convert: Callable, **_: Any) -> nn.Module
                                   for name, child in module.named_children()))
 
 
-def _windowed(cls: type, unit: str = "frames it pools over") -> Handler:
-    """Handler for a layer that needs the window length (``continual(..., temporal_window=n)``)."""
+def _windowed(cls: type, unit: str = "frames it pools over",
+              takes_attention: bool = False) -> Handler:
+    """Handler for a layer that needs the window length (``continual(..., temporal_window=n)``);
+    with ``takes_attention``, ``continual(..., attention=...)`` sets its ``recompute`` flag."""
 
     def handler(module: nn.Module, convert: Callable, temporal_window: int | None = None,
-                **_: Any) -> nn.Module:
+                attention: str = "exact", **_: Any) -> nn.Module:
         if temporal_window is None:
             raise TypeError(
                 f"converting {type(module).__name__} needs the number of {unit} online: "
                 f"continual(model, temporal_window=n)"
             )
+        if takes_attention:
+            return cls.from_torch(module, temporal_window, recompute=attention == "exact")
         return cls.from_torch(module, temporal_window)
 
     return handler
@@ -149,7 +222,8 @@ _TOKENS = "tokens it attends over"
 register_handler(nn.MultiheadAttention,
                  _windowed(_attention.SingleOutputMultiheadAttention, _TOKENS))
 register_handler(nn.TransformerEncoderLayer,
-                 _windowed(_transformer.TransformerEncoderLayer, _TOKENS))
-register_handler(nn.TransformerEncoder, _windowed(_transformer.TransformerEncoder, _TOKENS))
+                 _windowed(_transformer.TransformerEncoderLayer, _TOKENS, takes_attention=True))
+register_handler(nn.TransformerEncoder,
+                 _windowed(_transformer.TransformerEncoder, _TOKENS, takes_attention=True))
 for _torch_rnn in ("RNN", "LSTM", "GRU"):
     register_handler(getattr(nn, _torch_rnn), _from_torch(getattr(_rnn, _torch_rnn)))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core._module import Age, CoModule, advance, chunk_emissions, emits
-from ..core._temporal import Temporal
+from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache
 from ._onednn import onednn_linear, onednn_usable, prefers_onednn
 
@@ -38,6 +38,10 @@ class _CoConvNd(CoModule):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # numpy integers (PyTorchVideo builds its strides with numpy) become Python ints
+        for name in ("kernel_size", "stride", "padding", "dilation", "output_padding",
+                     "_reversed_padding_repeated_twice"):
+            setattr(self, name, as_ints(getattr(self, name)))
         self._validate()
 
     @classmethod
@@ -75,6 +79,11 @@ class _CoConvNd(CoModule):
         self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
         self._linear_cache = DerivedCache(self._linear_kernel)  # oneDNN's (rows, C_in) layout
+
+    def _wb(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias (direct lookups: nn.Module.__getattr__ is slow per step)."""
+        params = self._parameters
+        return params["weight"], params["bias"]
 
     # ------------------------------------------------------------------ geometry
     def _temporal(self) -> Temporal:
@@ -151,8 +160,7 @@ class _CoConvNd(CoModule):
 
         With ``kernel`` (from :meth:`_phase_taps`) only the taps it holds are computed.
         """
-        params = self._parameters  # direct lookup: nn.Module.__getattr__ is slow per step
-        w_all, b_all = (kernel or self._cache).get(params["weight"], params["bias"])
+        w_all, b_all = (kernel or self._cache).get(*self._wb())
         n, g = x.shape[0], self.groups
         if self._ndim == 1:
             if g == 1:  # w_all is (C_in, taps * C_out)
@@ -208,12 +216,12 @@ class _CoConvNd(CoModule):
     def _lean_step(self, x: Tensor, state: dict, phase: int):
         """Steady-state step of a Conv1d (no groups, dilation or stride) on flat 2D views:
         ``z = x W + b`` holds the k taps side by side; the partial sums add into taps 1..k-1."""
-        params = self._parameters
+        wb = self._wb()
         n, c, span = x.shape[0], self.out_channels, self._span
         if prefers_onednn(n, x.shape[1], (span + 1) * c) and onednn_usable(x):
-            z = onednn_linear(x, *self._linear_cache.get(params["weight"], params["bias"]))
+            z = onednn_linear(x, *self._linear_cache.get(*wb))
         else:
-            w, b = self._cache.get(params["weight"], params["bias"])
+            w, b = self._cache.get(*wb)
             z = torch.mm(x, w) if b is None else torch.addmm(b, x, w)
         # each view below costs a dispatcher call, which at this size is a tenth of the product
         z.narrow(1, c, span * c).add_(state["psum"].view(n, span * c))
