@@ -146,37 +146,58 @@ def allocate(model: BertModel, scores: Scores, sparsity: float, gamma: float = 1
     """
     check_bert(model)
     _check_scores(model, scores)
+    check_targets(sparsity, gamma, multiple_of)
+    d = head_size(model.config)
+    per_head, per_neuron = _unit_params(model)
+    kh, kn, removed = search_widths(
+        scores.heads, scores.neurons, per_head, per_neuron, encoder_parameters(model),
+        sparsity, gamma, multiple_of // math.gcd(d, multiple_of), multiple_of,
+        what=f"with gamma={gamma} and at least one head and {multiple_of} neurons per layer",
+        denominator="the encoder parameters")
+    return plan_from_widths(scores, kh, kn, removed / encoder_parameters(model))
+
+
+def check_targets(sparsity: float, gamma: float, multiple_of: int) -> None:
+    """A clear error for a sparsity outside ``[0, 1)``, ``gamma <= 0`` or ``multiple_of < 1``."""
     if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
     if not isinstance(gamma, (int, float)) or gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma!r}")
     if not isinstance(multiple_of, int) or multiple_of < 1:
         raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
-    d = head_size(model.config)
-    head_step = multiple_of // math.gcd(d, multiple_of)
-    per_head, per_neuron = _unit_params(model)
-    n_heads = [len(h) for h in scores.heads]
-    n_neurons = [len(n) for n in scores.neurons]
-    total = encoder_parameters(model)
+
+
+def search_widths(head_scores: list[Tensor], neuron_scores: list[Tensor], per_head: int,
+                  per_neuron: int, total: int, sparsity: float, gamma: float, head_step: int,
+                  neuron_step: int, what: str = "",
+                  denominator: str = "the parameters") -> tuple[list[int], list[int], int]:
+    """Kept heads and neurons per layer, and parameters removed, for a ``sparsity`` target.
+
+    The common fraction ``u`` is bisected: ``u / gamma`` of the heads (``u gamma`` of the
+    neurons if ``gamma < 1``) with the lowest scores over all layers go, rounded per layer up to
+    multiples of ``head_step`` / ``neuron_step`` (at least one step kept), until at least
+    ``sparsity * total`` parameters are removed (``per_head`` / ``per_neuron`` each).
+    """
+    n_heads = [len(h) for h in head_scores]
+    n_neurons = [len(n) for n in neuron_scores]
     a, b = min(1.0, 1.0 / gamma), min(1.0, float(gamma))  # head / neuron fraction per unit u
-    ranked_h, ranked_n = _ranked_layers(scores.heads), _ranked_layers(scores.neurons)
+    ranked_h, ranked_n = _ranked_layers(head_scores), _ranked_layers(neuron_scores)
     layers = len(n_heads)
 
     def widths(u: float) -> tuple[list[int], list[int], int]:
         k_h = math.floor(u * a * sum(n_heads) + 1e-9)
         k_n = math.floor(u * b * sum(n_neurons) + 1e-9)
         kh = _kept(n_heads, _lowest_per_layer(ranked_h, k_h, layers), head_step)
-        kn = _kept(n_neurons, _lowest_per_layer(ranked_n, k_n, layers), multiple_of)
+        kn = _kept(n_neurons, _lowest_per_layer(ranked_n, k_n, layers), neuron_step)
         removed = (per_head * (sum(n_heads) - sum(kh))
                    + per_neuron * (sum(n_neurons) - sum(kn)))
         return kh, kn, removed
 
     target = sparsity * total
-    kh, kn, removed = widths(1.0)
+    removed = widths(1.0)[2]
     if removed < target:
-        raise ValueError(f"sparsity {sparsity} is out of reach: with gamma={gamma} and at least "
-                         f"one head and {multiple_of} neurons per layer at most "
-                         f"{removed / total:.3f} of the encoder parameters can go")
+        raise ValueError(f"sparsity {sparsity} is out of reach: {what} at most "
+                         f"{removed / total:.3f} of {denominator} can go")
     lo, hi = 0.0, 1.0
     if widths(0.0)[2] >= target:
         hi = 0.0
@@ -188,7 +209,12 @@ def allocate(model: BertModel, scores: Scores, sparsity: float, gamma: float = 1
             hi = mid
         else:
             lo = mid
-    kh, kn, removed = widths(hi)
+    return widths(hi)
+
+
+def plan_from_widths(scores: Scores, kh: list[int], kn: list[int],
+                     sparsity: float) -> PruningPlan:
+    """The plan keeping the ``kh[i]`` / ``kn[i]`` best-scored heads / neurons of layer ``i``."""
 
     def top(s: Tensor, c: int) -> list[int]:
         return sorted(torch.sort(s, descending=True, stable=True).indices[:c].tolist())
@@ -196,9 +222,9 @@ def allocate(model: BertModel, scores: Scores, sparsity: float, gamma: float = 1
     return PruningPlan(
         heads=[top(s, c) for s, c in zip(scores.heads, kh)],
         neurons=[top(s, c) for s, c in zip(scores.neurons, kn)],
-        sparsity=removed / total,
-        head_fraction=1.0 - sum(kh) / sum(n_heads),
-        neuron_fraction=1.0 - sum(kn) / sum(n_neurons),
+        sparsity=sparsity,
+        head_fraction=1.0 - sum(kh) / scores.num_heads,
+        neuron_fraction=1.0 - sum(kn) / scores.num_neurons,
     )
 
 
@@ -221,17 +247,23 @@ def _check_plan(model: BertModel, plan: PruningPlan) -> None:
 
 def pruned_config(model: BertModel, plan: PruningPlan) -> PrunedBertConfig:
     """The :class:`PrunedBertConfig` of ``model`` pruned by ``plan``."""
-    data = model.config.to_dict()
+    heads, neurons = plan.widths()
+    return derived_config(model.config, PrunedBertConfig, heads_per_layer=heads,
+                          intermediate_per_layer=neurons,
+                          add_pooling_layer=model.pooler is not None)
+
+
+def derived_config(config: Any, cls: type, **fields: Any) -> Any:
+    """A ``cls`` config with the fields of ``config`` (but its model type) and ``fields``."""
+    data = config.to_dict()
     for key in ("model_type", "architectures", "transformers_version"):
         data.pop(key, None)
-    heads, neurons = plan.widths()
-    data.update(heads_per_layer=heads, intermediate_per_layer=neurons,
-                add_pooling_layer=model.pooler is not None)
-    config = PrunedBertConfig.from_dict(data)
-    impl = getattr(model.config, "_attn_implementation", None)
+    data.update(fields)
+    out = cls.from_dict(data)
+    impl = getattr(config, "_attn_implementation", None)
     if impl is not None:
-        config._attn_implementation = impl
-    return config
+        out._attn_implementation = impl
+    return out
 
 
 @torch.no_grad()
