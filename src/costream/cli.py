@@ -332,6 +332,23 @@ _prune.add_arguments = _prune_args
 command("prune", "prune a model's channels (MODULE:FUNCTION) and save it")(_prune)
 
 
+def _prune_llm(args: argparse.Namespace) -> int:
+    from .prune.hf._cli import run
+
+    return run(args)
+
+
+def _prune_llm_args(p: argparse.ArgumentParser) -> None:
+    from .prune.hf._cli import add_arguments
+
+    add_arguments(p)
+
+
+_prune_llm.add_arguments = _prune_llm_args
+command("prune-llm", "prune a saved decoder LLM's heads and neurons into a new model directory")(
+    _prune_llm)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``costream`` console script."""
     parser = argparse.ArgumentParser(prog="costream", description=__doc__.splitlines()[0])
