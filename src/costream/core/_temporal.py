@@ -8,7 +8,9 @@ arrived, i.e. ``delay = receptive_field - 1 - padding`` steps after its first fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,14 @@ class Temporal:
     padding: int = 0
     end_padding: int = 0
 
+    def __post_init__(self) -> None:
+        # numpy integers (as PyTorchVideo builds geometry) become Python ints: the stepping code
+        # tells an int age from a tensor of ages with isinstance(..., int)
+        if not (type(self.receptive_field) is type(self.stride) is type(self.padding)
+                is type(self.end_padding) is int):  # the common case costs one test per step
+            for f in fields(self):
+                object.__setattr__(self, f.name, as_int(getattr(self, f.name), f.name))
+
     @property
     def delay(self) -> int:
         """Steps between an output's first input frame and the step that emits it."""
@@ -54,6 +64,32 @@ class Temporal:
         pad = self.padding + nxt.padding * s
         extent = self.extent + nxt.extent * s
         return Temporal(rf, s * nxt.stride, pad, extent - pad + rf - 1)
+
+
+def as_int(value: Any, what: str) -> int:
+    """``value`` as a Python ``int`` (numpy and other integer-likes accepted, floats refused).
+
+    Example:
+        >>> import numpy as np
+        >>> from costream.core._temporal import as_int
+        >>> type(as_int(np.int64(3), "stride"))
+        <class 'int'>
+    """
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {value!r} "
+                        f"({type(value).__name__})") from None
+
+
+def as_ints(value: Any) -> Any:
+    """Integer-likes, also inside tuples and lists, as Python ints; other values (``'same'``,
+    ``None``) as they are."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(as_ints(v) for v in value)
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return value
+    return operator.index(value)
 
 
 IDENTITY = Temporal()

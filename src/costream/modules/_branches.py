@@ -226,8 +226,9 @@ class _Branches(CoModule):
             out_age, out_phase = advance(a, p, g.delay, s)
             if isinstance(out_age, int) and out_age < 0:
                 continue
-            if any(last_push[i] != tau - r for i, (_, r) in enumerate(self._lines)):
-                raise AssertionError("branch emissions out of step")
+            late = [i for i, (_, r) in enumerate(self._lines) if last_push[i] != tau - r]
+            if late:
+                self._out_of_step(late, tau, last_push)
             if not outs:
                 out_first = (out_age, out_phase)
             outs.append(self._combine([holds[i] if r else cur[i]
@@ -240,6 +241,18 @@ class _Branches(CoModule):
         else:
             y = torch.stack(outs, 2)
         return y, new, *out_first
+
+    def _out_of_step(self, late: list[int], tau: int, last_push: list[int]) -> None:
+        names = list(self._modules)
+        detail = ", ".join(
+            f"branch '{names[i]}' ({type(self._modules[names[i]]).__name__}, "
+            f"{self._child_t[i]}) last emitted at frame {last_push[i]} of this call, expected "
+            f"frame {tau - self._lines[i][1]}" for i in late)
+        raise RuntimeError(
+            f"{type(self).__name__}: branch outputs do not line up with the branches' temporal "
+            f"geometry ({detail}). A branch emits outputs at other frames than its `temporal` "
+            f"says: check custom modules' `_temporal` and that their kernel sizes, strides and "
+            f"paddings are integers")
 
     # ------------------------------------------------------------------ offline
     def _clip(self, x: Any) -> Any:

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core._module import Age, CoModule, advance, chunk_emissions, emits
-from ..core._temporal import Temporal
+from ..core._temporal import Temporal, as_ints
 
 
 def _tuple(v: Any, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    """``v`` as ``n`` Python ints (numpy integers, as PyTorchVideo builds them, included)."""
+    return as_ints(tuple(v) if isinstance(v, (tuple, list)) else (v,) * n)
 
 
 class _WindowPool(CoModule):
@@ -128,6 +129,9 @@ class _CoPoolNd(_WindowPool):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        for name in ("kernel_size", "stride", "padding", "dilation"):
+            if hasattr(self, name):
+                setattr(self, name, as_ints(getattr(self, name)))
         n = self._ndim
         if self.ceil_mode:
             raise ValueError("continual pooling does not support ceil_mode=True")
