@@ -16,8 +16,19 @@ Example:
 from ._db import ToDB
 from ._dct import DCT, dct_matrix
 from ._features import mel_spectrogram, mfcc
+from ._listen import listen, read_wav
 from ._mel import MelScale, hz_to_mel, mel_filters, mel_to_hz
+from ._spotter import (
+    Detector,
+    fold_batch_norms,
+    load_spotter,
+    save_spotter,
+    spotter_front_end,
+    spotter_network,
+)
 from ._stft import STFT, hops, waveform_of
 
-__all__ = ["DCT", "STFT", "MelScale", "ToDB", "dct_matrix", "hops", "hz_to_mel",
-           "mel_filters", "mel_spectrogram", "mel_to_hz", "mfcc", "waveform_of"]
+__all__ = ["DCT", "Detector", "MelScale", "STFT", "ToDB", "dct_matrix", "fold_batch_norms",
+           "hops", "hz_to_mel", "listen", "load_spotter", "mel_filters", "mel_spectrogram",
+           "mel_to_hz", "mfcc", "read_wav", "save_spotter", "spotter_front_end",
+           "spotter_network", "waveform_of"]
