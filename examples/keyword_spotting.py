@@ -271,6 +271,21 @@ def write_markdown(path: Path, r: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def write_demo(out: Path) -> int:
+    """A short WAV of held-out voices: two keywords, an unknown word, a third keyword."""
+    words = ("yes", "stop", "garden", "left")
+    voices = ("en-us+m3", "en-gb-x-rp+f3", "en+adam", "en-us+caleb")
+    assert all(v.split("+")[1] in kd.TEST_VARIANTS for v in voices)
+    audio, events = kd.make_demo(words, voices, seed=7)
+    out.mkdir(parents=True, exist_ok=True)
+    kd.write_wav(out / "keywords.wav", audio)
+    (out / "keywords.json").write_text(json.dumps(
+        {"sample_rate": kd.SAMPLE_RATE, "seconds": round(len(audio) / kd.SAMPLE_RATE, 3),
+         "events": events, "keywords": [w for w in words if w in kd.KEYWORDS]}, indent=2))
+    print(f"wrote {out / 'keywords.wav'} ({len(audio) / kd.SAMPLE_RATE:.1f} s): {events}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny data, training and stream")
@@ -286,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--retrain", action="store_true", help="ignore cached weights")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--write-demo", type=Path, default=None, metavar="DIR",
+                   help="only write DIR/keywords.wav (a few seconds of held-out voices saying "
+                        "keywords, for `costream listen`) and DIR/keywords.json, then exit")
     args = p.parse_args(argv)
+    if args.write_demo is not None:
+        return write_demo(args.write_demo)
     torch.set_num_threads(args.threads)
     log = None if args.quiet else (lambda m: print(m, flush=True))
     cache = args.cache or Path(os.environ.get("COSTREAM_CACHE",
