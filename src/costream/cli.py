@@ -349,6 +349,23 @@ command("prune-llm", "prune a saved decoder LLM's heads and neurons into a new m
     _prune_llm)
 
 
+def _listen(args: argparse.Namespace) -> int:
+    from .audio._listen import run
+
+    return run(args)
+
+
+def _listen_args(p: argparse.ArgumentParser) -> None:
+    from .audio._listen import add_arguments
+
+    add_arguments(p)
+
+
+_listen.add_arguments = _listen_args
+command("listen", "stream a WAV file through a keyword spotter, printing detections live")(
+    _listen)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``costream`` console script."""
     parser = argparse.ArgumentParser(prog="costream", description=__doc__.splitlines()[0])
