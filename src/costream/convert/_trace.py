@@ -16,8 +16,9 @@ Steps:
 
 from __future__ import annotations
 
+import copy
 import operator
-import traceback
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor, fx, nn
 
 from ..core._module import CoModule
 from ..core._temporal import Temporal
+from ..modules._conv import _CoConvNd as _CoConv
 from ..modules._delay import Skip
 from ..modules._graph import Graph, Node, Ref, _map, mirror
 from ..modules._pointwise import is_pointwise, pointwise_step
@@ -135,8 +137,7 @@ class _Builder:
     # ------------------------------------------------------------------ build
     def build(self, example: Tensor | None) -> Graph:
         x1 = self._example(example)
-        t1 = x1.shape[self.time_dim]
-        x2 = torch.cat([x1, x1.narrow(self.time_dim, 0, min(t1, 7))], self.time_dim)
+        x2 = torch.cat([x1, x1], self.time_dim)  # every strided length differs too
         try:
             v1, v2 = self._run(x1), self._run(x2)
         except Exception as err:
@@ -152,7 +153,8 @@ class _Builder:
                 self._node(fxn)
             except _Block as blk:
                 self.blockers.append(self._blocker(fxn, str(blk)))
-                self._add(fxn, "static", fn=_never)  # placeholder so later nodes resolve
+                # a placeholder stream, so later nodes resolve and are checked by type
+                self._add(fxn, "blocked", fn=_never)
         if not isinstance(output, fx.Node):
             self.blockers.append(Blocker("", type(self.model).__name__, "",
                                          "the model must return one tensor"))
@@ -246,12 +248,32 @@ class _Builder:
         if not streams:
             self._static(fxn)
             return
+        if any(n.kind == "blocked" for n in streams):  # after a blocker: checks by type only
+            self._by_type(fxn)
+            self._add(fxn, "blocked", fn=_never)
+            return
         if fxn.op == "call_module":
             self._module(fxn, streams)
         elif fxn.op in ("call_function", "call_method"):
             self._function(fxn, streams)
         else:
             raise _Block(f"unsupported graph operation {fxn.op}")
+
+    def _by_type(self, fxn: fx.Node) -> None:
+        """Refusals that need no time axis (the op's input already cannot stream)."""
+        if fxn.op == "call_module":
+            m = self.gm.get_submodule(fxn.target)
+            if isinstance(m, _NORM_OVER_TIME):
+                raise _Block("normalises over time (statistics of the whole clip)")
+            if isinstance(m, _ATTENTION):
+                raise _Block("attends over the whole clip")
+            if isinstance(m, _RECURRENT):
+                raise _Block("recurrent layers are converted directly, not inside a graph")
+            return
+        t = fxn.target
+        name = t if isinstance(t, str) else getattr(t, "__name__", "")
+        if name in _PRODUCTS:
+            raise _Block("attends or multiplies over the whole clip (mixes time steps)")
 
     def _static(self, fxn: fx.Node) -> None:
         args, kwargs = self._refs(fxn)
@@ -311,9 +333,19 @@ class _Builder:
         if isinstance(m, _ADAPTIVE):
             self._adaptive(fxn, m, src, lambda w: self.convert(m, fxn.target, w))
             return
-        if len(streams) > 1 or src.virtual:
-            if isinstance(m, CoModule) or type(m) in self.handlers:
-                raise _Block("a temporal layer needs one stream input")
+        temporal = isinstance(m, CoModule) or _leaves.is_reparametrized(m) or (
+            type(m) in self.handlers and not isinstance(m, nn.Linear))
+        if temporal and len(streams) > 1:
+            raise _Block("a temporal layer needs one stream input")
+        if temporal and src.virtual:
+            t = getattr(m, "temporal", None) if isinstance(m, CoModule) else None
+            k = getattr(m, "kernel_size", (None,))
+            if t == Temporal() or (t is None and k[0] == 1 and getattr(m, "stride", (1,))[0] == 1
+                                   and not _leaves.is_reparametrized(m)
+                                   and getattr(m, "padding", (0,))[0] == 0):
+                self._checked_fn(fxn, streams, "mixes time steps")  # acts on one frame
+                return
+            raise _Block("a temporal layer after a reduction over the window")
         co = None
         if isinstance(m, CoModule):
             co = m
@@ -350,6 +382,8 @@ class _Builder:
             raise _Block("moves time into channels or batch")
         if register:
             self.leaves[register] = co
+        if src.kind == "co" and isinstance(src.co, Pad) and _fusible(co, src.co):
+            co, src = _fuse_pad(co, src.co), self.nodes[src.source]
         g = src.geometry.then(co.temporal)
         return self._add(fxn, "co", co=co, source=src.index, time_axis=out_axis,
                          keep_axis=keep_axis, virtual=virtual, geometry=g)
@@ -411,7 +445,7 @@ class _Builder:
             reason = "attends or multiplies over the whole clip (mixes time steps)"
         else:
             reason = "mixes time steps"
-        self._checked_fn(fxn, streams, reason, fast=fast)
+        self._checked_fn(fxn, streams, reason, fast=fast, product=name in _PRODUCTS)
 
     def _static_args(self, fxn: fx.Node) -> tuple[tuple, dict]:
         """Arguments with every static node evaluated (streams left as None)."""
@@ -439,12 +473,12 @@ class _Builder:
         return isinstance(out, Tensor) and out.dim() == ranks.pop()
 
     def _checked_fn(self, fxn: fx.Node, streams: list[Node], reason: str,
-                    fast: bool = False) -> None:
+                    fast: bool = False, product: bool = False) -> None:
         """An op that must act on each time step on its own: verified on the example."""
         axis = self._axis(fxn)
         out = self.v1[fxn]
         if axis == "merged":
-            raise _Block("moves time into channels or batch")
+            raise _Block(reason if product else "moves time into channels or batch")
         virtual = any(n.virtual for n in streams)
         timed = [n for n in streams if not n.virtual and n.time_axis is not None]
         if virtual and timed:
@@ -666,15 +700,18 @@ class _Builder:
     def _blocker(self, fxn: fx.Node, reason: str) -> Blocker:
         line = ""
         trace = fxn.stack_trace or fxn.meta.get("stack_trace") or ""
-        frames = [f for f in traceback.extract_stack()[:0]]
-        del frames
         for ln in trace.strip().splitlines():
             ln = ln.strip()
             if ln.startswith("File "):
                 parts = ln.split(",")
-                if len(parts) >= 2:
-                    line = f"{parts[0][5:].strip().strip(chr(34))}:{parts[1].strip()[5:]}"
+                file = parts[0][5:].strip().strip('"')
+                if len(parts) >= 2 and not any(file.startswith(d) for d in _LIBRARY_DIRS):
+                    line = f"{file}:{parts[1].strip()[5:]}"
         return Blocker(self._path(fxn), self._op_name(fxn), line, reason)
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, fx))
+_LIBRARY_DIRS += (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
 
 
 class _Block(Exception):
@@ -742,6 +779,23 @@ def _dims_of(idx: tuple, ndim: int) -> list[int]:
             out.append(d)
             d += 1
     return out
+
+
+def _fusible(conv: nn.Module, pad: Pad) -> bool:
+    return (isinstance(conv, _CoConv) and conv.padding_mode == "zeros" and pad.value == 0.0
+            and conv._tpad[0] + pad.start <= conv._span)
+
+
+def _fuse_pad(conv: nn.Module, pad: Pad) -> nn.Module:
+    """A copy of ``conv`` (same parameters) that also does ``pad``'s zero padding: the start
+    padding then sits in the partial sums, with no delay line and no added latency."""
+    fused = copy.copy(conv)
+    rp = list(conv._reversed_padding_repeated_twice)
+    rp[-2] += pad.start
+    rp[-1] += pad.end
+    fused._reversed_padding_repeated_twice = rp
+    fused._validate()
+    return fused
 
 
 def _squeeze_dims(x: Tensor, dims: tuple[int, ...]) -> Tensor:

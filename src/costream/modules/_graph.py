@@ -126,6 +126,10 @@ class Graph(CoModule):
         self.time_dim = time_dim
         self._spec = input_spec
         self._virtual = any(n.virtual for n in self._nodes)
+        # clips (B, T) without a channel axis step as frames (B, 1): the contract's (B, C, T)
+        self._flat = time_dim == 1 and input_spec[0] == 1
+        if self._flat:
+            self._spec = (2, 1)
         self._prepare()
 
     # ------------------------------------------------------------------ geometry
@@ -160,6 +164,8 @@ class Graph(CoModule):
             for n in self._nodes:
                 if n.kind == "input":
                     frames[n.index] = torch.zeros(batch, *shape, device=device, dtype=dtype)
+                    if self._flat:
+                        frames[n.index] = frames[n.index].view(batch)
                 elif n.kind == "static":
                     frames[n.index] = self._static(n)
                 elif n.kind == "co":
@@ -229,7 +235,7 @@ class Graph(CoModule):
         for n in nodes:
             kind = n.kind
             if kind == "input":
-                vals[n.index] = x
+                vals[n.index] = x.view(x.shape[0]) if self._flat and x.dim() == 2 else x
                 times[n.index] = (age, phase)
             elif kind == "static":
                 vals[n.index] = self._static(n)
@@ -283,7 +289,10 @@ class Graph(CoModule):
         if isinstance(age, Tensor) or self._virtual:
             return super()._steps(x, state, age, phase)
         t = x.shape[2]
-        x = x.movedim(2, self.time_dim) if self.time_dim != 2 else x
+        if self._flat:
+            x = x.view(x.shape[0], t)
+        elif self.time_dim != 2:
+            x = x.movedim(2, self.time_dim)
         return self._run_chunks(x, t, state, age, phase, flush=False)
 
     def _flush(self, state: dict, age: Age, phase: int):
@@ -328,26 +337,13 @@ class Graph(CoModule):
             y = torch.stack(y, 2)
         elif out.time_axis != 2:
             y = y.movedim(out.time_axis, 2)
-        if flush:
-            ya, yp = next_out(age, phase, self._geom)
-        else:
-            g = self._geom
-            first = (g.delay - phase) % g.stride
-            ya, yp = advance(*shift(age, phase, first), g.delay, g.stride)
-            if isinstance(ya, int) and ya < 0:
-                ya, yp = 0, 0
-        return y, new, ya, yp
+        return y, new, *_next_index(age, phase, self._geom)
 
     def _co_chunk(self, n: Node, v: Any, co_states: dict, age: Age, phase: int, t: int,
                   flush: bool) -> Any:
         key = str(n.index)
         src = self._nodes[n.source]
-        if src.kind == "input":
-            a, p = age, phase
-        elif flush:
-            a, p = next_out(age, phase, src.geometry)
-        else:
-            a, p = _first_out(age, phase, src.geometry)
+        a, p = (age, phase) if src.kind == "input" else _next_index(age, phase, src.geometry)
         parts = []
         fed = _length(v, src) if v is not None else 0
         if fed:
@@ -407,13 +403,21 @@ class Graph(CoModule):
             return fx.Interpreter(self, graph=self._offline).run(x)
 
     # ------------------------------------------------------------------ layouts
+    def forward_step(self, x: Any) -> Any:
+        """As :meth:`CoModule.forward_step`; clips ``(B, T)`` step as frames ``(B,)``."""
+        if self._flat and isinstance(x, Tensor) and x.dim() == 1:
+            x = x.unsqueeze(1)
+        return super().forward_step(x)
+
     def forward_steps(self, x: Tensor, pad_end: bool = False) -> Tensor | None:
         """As :meth:`CoModule.forward_steps`, with clips in the source model's layout.
 
         The input's time axis is ``time_dim``; outputs come back with time where the source
         model's output has it (dim 2 after a reduction over a window).
         """
-        if self.time_dim != 2 and isinstance(x, Tensor):
+        if self._flat and isinstance(x, Tensor) and x.dim() == 2:
+            x = x.unsqueeze(1)
+        elif self.time_dim != 2 and isinstance(x, Tensor):
             if x.dim() <= self.time_dim:
                 raise ValueError(f"forward_steps expects clips with time at dim {self.time_dim}, "
                                  f"got shape {tuple(x.shape)}")
@@ -425,12 +429,13 @@ class Graph(CoModule):
         return y
 
 
-def _first_out(age: Age, phase: int, g: Temporal) -> tuple[Age, int]:
-    first = (g.delay - phase) % g.stride
-    a, p = advance(*shift(age, phase, first), g.delay, g.stride)
-    if isinstance(a, int) and a < 0:
-        return 0, 0
-    return a, p
+def _next_index(age: Age, phase: int, g: Temporal) -> tuple[Age, int]:
+    """``(age, phase)`` of the next output of a node of cumulative geometry ``g``, when the
+    graph's next input frame has ``(age, phase)`` (outputs of negative index never exist)."""
+    if isinstance(age, int):
+        c = count(g, age)
+        return c, c
+    return next_out(age, phase, g)
 
 
 def _length(v: Any, n: Node) -> int:
