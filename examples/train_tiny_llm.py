@@ -59,15 +59,19 @@ class TrainConfig:
     lr: float = 2e-3
     minutes: float = 50.0
     seed: int = 0
+    steps: int = 0  # > 0: stop after this many steps (or the time budget, whichever is first)
 
     def key(self) -> str:
-        text = json.dumps({**dataclasses.asdict(self), "data": VERSION}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not self.steps:
+            del fields["steps"]  # time-budget-only runs keep the keys they had before
+        text = json.dumps({**fields, "data": VERSION}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 EVAL_WINDOWS = 256  # held-out windows (of ``context`` tokens) the reported perplexity uses
 QUICK = TrainConfig(vocab=512, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
-                    context=64, batch=8, lr=3e-3, minutes=0.15)
+                    context=64, batch=8, lr=3e-3, minutes=2.0, steps=80)
 
 
 def cache_dir(override: Path | None = None) -> Path:
@@ -170,7 +174,8 @@ def unigram_perplexity(train: Tensor, heldout: Tensor, vocab: int) -> float:
 
 
 def train(model: Any, data: Tensor, cfg: TrainConfig, log: bool) -> dict[str, Any]:
-    """AdamW on random windows of ``data`` for ``cfg.minutes`` of wall clock."""
+    """AdamW on random windows of ``data`` for ``cfg.minutes`` of wall clock (or ``cfg.steps``
+    steps, if set, when they come first)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
     budget, warmup = cfg.minutes * 60.0, 30
@@ -178,9 +183,9 @@ def train(model: Any, data: Tensor, cfg: TrainConfig, log: bool) -> dict[str, An
     t0, step, recent = time.perf_counter(), 0, []
     while True:
         elapsed = time.perf_counter() - t0
-        if elapsed >= budget:
+        if elapsed >= budget or (cfg.steps and step >= cfg.steps):
             break
-        frac = elapsed / budget
+        frac = max(elapsed / budget, step / cfg.steps if cfg.steps else 0.0)
         lr = cfg.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(
             math.pi * frac)))
         for group in opt.param_groups:

@@ -1,0 +1,303 @@
+"""Decoder-LLM pruning study: a small Llama trained here, pruned by magnitude, Taylor and NIRVANA.
+
+The model is the Llama-architecture decoder of ``examples/train_tiny_llm.py`` (trained offline on
+the Python standard library's sources, cached; trained first if not cached). It is pruned with
+:mod:`costream.prune.hf` at 20/30/50 % of its attention+MLP parameters (key/value groups with
+their query heads, and SwiGLU neurons; widths multiples of 8, at least one key/value group per
+layer) and measured on held-out files (perplexity over the first ``--eval-windows`` windows of
+128 tokens of the held-out split).
+
+Methods (global ranking over the layers in every case):
+
+* ``magnitude``: ``|w|``, ``gamma = 1`` (groups and neurons removed at the same rate);
+* ``magnitude g3``: ``|w|`` with NIRVANA's allocation ``gamma = 3``;
+* ``taylor`` / ``nirvana``: first-order Taylor on the next-token loss / NIRVANA's saliency on the
+  max-logit output, ``gamma = 3``, scored on the first candidate calibration set;
+* ``taylor+KL`` / ``nirvana+KL``: the same with calibration selection (of ``--candidates``
+  disjoint sets of calibration windows, keep the one whose pruned model has the lowest
+  next-token KL divergence to the original on reference windows); ``nirvana+KL`` is NIRVANA as
+  published;
+* ``... +heal``: ``magnitude g3``, ``taylor+KL`` and ``nirvana+KL`` healed with rank-8 LoRA
+  distilling the original's next-token distributions on other calibration windows, merged.
+
+Calibration, reference and healing windows come from the calibration files only; no method sees
+the held-out files. Magnitude uses no data, so calibration selection does not apply to it.
+Latency: greedy ``generate`` of ``--new-tokens`` tokens after a 32-token prompt, batch 1, one
+thread, KV cache on, the original and the pruned model timed alternately; per generated token =
+wall time / new tokens (the prompt's prefill included).
+
+Usage::
+
+    nice -n 10 python benchmarks/llm_pruning.py          # benchmarks/results/llm_pruning.*
+    python benchmarks/llm_pruning.py --quick             # smoke run (llm_pruning_quick.*)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from _common import OtherLoad, machine, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import train_tiny_llm as tiny  # noqa: E402
+
+from costream.prune.hf import (  # noqa: E402
+    allocate_decoder,
+    apply_decoder_plan,
+    decoder_parameters,
+    heal_decoder,
+    load_decoder,
+    perplexity,
+    score_decoder,
+    select_decoder_calibration,
+)
+
+SPARSITIES = (0.2, 0.3, 0.5)
+# name -> (criterion, gamma, calibration selection)
+METHODS = {
+    "magnitude": ("magnitude", 1.0, False),
+    "magnitude g3": ("magnitude", 3.0, False),
+    "taylor": ("taylor", 3.0, False),
+    "taylor+KL": ("taylor", 3.0, True),
+    "nirvana": ("nirvana", 3.0, False),
+    "nirvana+KL": ("nirvana", 3.0, True),
+}
+HEALED = ("magnitude g3", "taylor+KL", "nirvana+KL")
+TIMED = ("magnitude", "nirvana+KL")
+
+
+def _log(args: argparse.Namespace, start: float, message: str) -> None:
+    if not args.quiet:
+        print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
+
+
+def _batches(windows: torch.Tensor, size: int = 8) -> list[dict[str, torch.Tensor]]:
+    return [{"input_ids": windows[i:i + size]} for i in range(0, len(windows), size)]
+
+
+def splits(path: Path, cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Candidate, reference and healing windows (calibration files), evaluation windows."""
+    streams = tiny.load_streams(path, max_files=8 if args.quick else None)
+    calib = tiny.windows(streams["calibration"], cfg.context)
+    calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(args.seed))]
+    k, w = args.candidates, args.windows
+    need = (k + 1) * w + args.heal_windows
+    if len(calib) < need:
+        raise SystemExit(f"the calibration split has {len(calib)} windows, {need} needed")
+    return {"candidates": [_batches(calib[i * w:(i + 1) * w]) for i in range(k)],
+            "reference": _batches(calib[k * w:(k + 1) * w]),
+            "heal": _batches(calib[(k + 1) * w:need]),
+            "eval": _batches(tiny.windows(streams["heldout"], cfg.context)[:args.eval_windows]),
+            "prompt": streams["heldout"][-32:].unsqueeze(0)}
+
+
+def prune(model: Any, data: dict[str, Any], method: str, sparsity: float) -> tuple[Any, Any]:
+    criterion, gamma, select = METHODS[method]
+    if select:
+        choice = select_decoder_calibration(model, data["candidates"], data["reference"],
+                                            sparsity, criterion, gamma)
+        return choice.model, {"plan": choice.plan, "candidate": choice.index, "kl": choice.kl}
+    batches = None if criterion == "magnitude" else data["candidates"][0]
+    plan = allocate_decoder(model, score_decoder(model, criterion, batches), sparsity, gamma)
+    return apply_decoder_plan(model, plan), {"plan": plan}
+
+
+def latency(original: Any, pruned: Any, prompt: torch.Tensor, new: int,
+            repeats: int) -> dict[str, Any]:
+    """Greedy generation, original and pruned alternately; medians per generated token."""
+    kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+              "pad_token_id": 0}
+    times: dict[str, list[float]] = {"original": [], "pruned": []}
+    models = {"original": original, "pruned": pruned}
+    meter = OtherLoad()
+    with torch.inference_mode():
+        for m in models.values():
+            m.generate(prompt, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+        for r in range(repeats):
+            for name in (("original", "pruned") if r % 2 == 0 else ("pruned", "original")):
+                t0 = time.perf_counter()
+                out = models[name].generate(prompt, **kwargs)
+                times[name].append((time.perf_counter() - t0) / new)
+                assert out.shape[1] == prompt.shape[1] + new
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"original_ms_per_token": 1e3 * med["original"],
+            "pruned_ms_per_token": 1e3 * med["pruned"],
+            "original_tokens_per_s": 1 / med["original"], "pruned_tokens_per_s": 1 / med["pruned"],
+            "speedup": med["original"] / med["pruned"], "other_load_cpus": meter.others()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    cfg = tiny.QUICK if args.quick else tiny.TrainConfig()
+    path, train_info = tiny.load_or_train(cfg, args.cache, log=not args.quiet,
+                                          max_files=8 if args.quick else None)
+    model = load_decoder(path)
+    data = splits(path, cfg, args)
+    base_ppl = perplexity(model, data["eval"])
+    _log(args, start, f"unpruned: held-out perplexity {base_ppl:.2f}")
+    rows, timings = [], []
+    for sparsity in args.sparsities:
+        pruned_models = {}
+        for method in METHODS:
+            small, info = prune(model, data, method, sparsity)
+            pruned_models[method] = small
+            plan = info["plan"]
+            row = {"sparsity": sparsity, "method": method, "removed": plan.sparsity,
+                   "kv_heads": plan.widths()[0], "neurons": plan.widths()[1],
+                   "params": sum(p.numel() for p in small.parameters()),
+                   "decoder_params": decoder_parameters(small),
+                   "perplexity": perplexity(small, data["eval"])}
+            if "candidate" in info:
+                row.update(candidate=info["candidate"], candidate_kl=info["kl"])
+            rows.append(row)
+            _log(args, start, f"{100 * sparsity:.0f} % {method}: perplexity "
+                              f"{row['perplexity']:.2f}")
+        for method in HEALED:
+            healed = heal_decoder(pruned_models[method], model, data["heal"], rank=8,
+                                  epochs=args.heal_epochs, lr=1e-3)
+            base = next(r for r in rows if r["sparsity"] == sparsity and r["method"] == method)
+            rows.append({**base, "method": f"{method} +heal",
+                         "perplexity": perplexity(healed, data["eval"])})
+            _log(args, start, f"{100 * sparsity:.0f} % {method} +heal: perplexity "
+                              f"{rows[-1]['perplexity']:.2f}")
+        for method in TIMED:
+            t = latency(model, pruned_models[method], data["prompt"], args.new_tokens,
+                        args.repeats)
+            timings.append({"sparsity": sparsity, "method": method, **t})
+            _log(args, start, f"{100 * sparsity:.0f} % {method}: "
+                              f"{t['pruned_ms_per_token']:.2f} vs "
+                              f"{t['original_ms_per_token']:.2f} ms/token")
+    return {"train": train_info, "model_dir": str(path),
+            "params": sum(p.numel() for p in model.parameters()),
+            "decoder_params": decoder_parameters(model), "perplexity": base_ppl,
+            "eval_tokens": sum(b["input_ids"].numel() for b in data["eval"]),
+            "rows": rows, "latency": timings, "seconds": time.perf_counter() - start}
+
+
+def verdict(report: dict[str, Any]) -> dict[str, Any]:
+    """Does NIRVANA (saliency, gamma 3, KL selection) beat magnitude at every sparsity?"""
+    out = []
+    for s in sorted({r["sparsity"] for r in report["rows"]}):
+        ppl = {r["method"]: r["perplexity"] for r in report["rows"] if r["sparsity"] == s}
+        best_mag = min(ppl["magnitude"], ppl["magnitude g3"])
+        out.append({"sparsity": s, "nirvana+KL": ppl["nirvana+KL"], "best_magnitude": best_mag,
+                    "beats": ppl["nirvana+KL"] < best_mag})
+    return {"per_sparsity": out, "holds": all(o["beats"] for o in out)}
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    tr = report["train"]
+    lines = [
+        "# Decoder-LLM pruning study (tiny Llama trained on the stdlib sources)", "",
+        f"Command: `{report['command']}` ({report['seconds']:.0f} s, {report['threads']} "
+        f"thread(s), CPU {report['machine']['cpu_model']}, load average at start "
+        f"{report['machine']['loadavg_at_start'][0]:.1f}).", "",
+        f"Model: {report['params'] / 1e6:.2f} M parameters ({report['decoder_params'] / 1e6:.2f}"
+        f" M in attention+MLP), trained {tr['seconds'] / 60:.0f} min on one thread "
+        f"({tr['steps']} steps, {tr['tokens_seen']:,} tokens seen, "
+        f"{tr['tokens']['train']:,} training tokens). Held-out perplexity "
+        f"{report['perplexity']:.2f} on {report['eval_tokens']:,} tokens; unigram baseline "
+        f"{tr['unigram_perplexity']:.1f}.", "",
+        "| removed | method | attn+MLP removed | KV heads per layer | MLP neurons per layer "
+        "| held-out perplexity | x unpruned |", "|---:|---|---:|---|---|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {100 * r['sparsity']:.0f} % | {r['method']} | "
+                     f"{100 * r['removed']:.1f} % | {r['kv_heads']} | {r['neurons']} | "
+                     f"{r['perplexity']:.2f} | {r['perplexity'] / report['perplexity']:.2f} |")
+    lines += ["", "## Generation latency (greedy, batch 1, KV cache)", "",
+              "| removed | method | ms / token (pruned) | ms / token (unpruned) | tokens/s "
+              "(pruned) | tokens/s (unpruned) | speedup | other load (CPUs) |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for t in report["latency"]:
+        other = t["other_load_cpus"]
+        lines.append(f"| {100 * t['sparsity']:.0f} % | {t['method']} | "
+                     f"{t['pruned_ms_per_token']:.2f} | {t['original_ms_per_token']:.2f} | "
+                     f"{t['pruned_tokens_per_s']:.1f} | {t['original_tokens_per_s']:.1f} | "
+                     f"{t['speedup']:.2f}x | {'n/a' if other is None else f'{other:.2f}'} |")
+    v = report["verdict"]
+    lines += ["", "## Verdict", "",
+              f"NIRVANA (saliency, gamma 3, KL calibration selection) beats the better "
+              f"magnitude variant at every sparsity: **{'yes' if v['holds'] else 'no'}**.", ""]
+    for o in v["per_sparsity"]:
+        lines.append(f"- {100 * o['sparsity']:.0f} %: nirvana+KL {o['nirvana+KL']:.2f} vs "
+                     f"magnitude {o['best_magnitude']:.2f} "
+                     f"({'better' if o['beats'] else 'not better'})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in report["rows"]}, key=str):
+        pts = sorted((r["sparsity"], r["perplexity"]) for r in report["rows"]
+                     if r["method"] == method)
+        style = "--" if method.endswith("+heal") else "-"
+        ax.plot([100 * s for s, _ in pts], [p for _, p in pts], style, marker="o", label=method)
+    ax.axhline(report["perplexity"], color="k", lw=0.8, label="unpruned")
+    ax.set_yscale("log")
+    ax.set_xlabel("attention+MLP parameters removed (%)")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Tiny Llama (stdlib sources): held-out perplexity after pruning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--candidates", type=int, default=3, help="candidate calibration sets")
+    p.add_argument("--windows", type=int, default=8, help="windows per calibration set")
+    p.add_argument("--heal-windows", type=int, default=32)
+    p.add_argument("--heal-epochs", type=int, default=2)
+    p.add_argument("--eval-windows", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=5, help="timed generations per model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=None, help="trained-model cache directory")
+    p.add_argument("--quick", action="store_true", help="smoke run (llm_pruning_quick.*)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    args.sparsities = SPARSITIES
+    if args.quick:
+        args.sparsities = (0.3,)
+        args.candidates, args.windows, args.heal_windows, args.heal_epochs = 2, 2, 4, 1
+        args.eval_windows, args.new_tokens, args.repeats = 4, 4, 1
+    import transformers
+
+    info = machine(transformers=transformers.__version__)
+    report = run(args)
+    report = {"command": shlex.join(["python", "benchmarks/llm_pruning.py", *raw]),
+              "machine": info, "threads": args.threads, **report}
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    report["verdict"] = verdict(report)
+    stem = "llm_pruning_quick" if args.quick else "llm_pruning"
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(report, args.out / f"{stem}.png")
+    report["plot"] = f"{stem}.png"
+    write_report(args.out, stem, report, to_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
