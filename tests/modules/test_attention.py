@@ -87,13 +87,15 @@ def test_recompute_is_exact_for_peaked_attention():
 
 def test_step_macs_follow_the_paper():
     """Matrix-product MACs per step and head: single-output 2 n d_h (the paper: 2 n d_h + 2 d_h
-    with the softmax); retroactive 4 n d_h - 2 d_h, plus 4 n d_h - 3 d_h element-wise products
-    of the running-sum update (the paper counts 7 n d_h + 2 n - 3 d_h in all)."""
+    with the softmax); retroactive with running sums 4 n d_h - 2 d_h, plus 4 n d_h - 3 d_h
+    element-wise products of the update (the paper counts 7 n d_h + 2 n - 3 d_h in all);
+    retroactive recomputed over the window (the default) 2 n^2 d_h."""
     d, h, n = 64, 4, 16
     dh = d // h
     proj = 3 * d * d + d * d  # new token's q, k, v and one output projection
     single = cs.SingleOutputMultiheadAttention(d, h, window=n).eval()
-    retro = cs.RetroactiveMultiheadAttention(d, h, window=n).eval()
+    retro = cs.RetroactiveMultiheadAttention(d, h, window=n, recompute=False).eval()
+    exact = cs.RetroactiveMultiheadAttention(d, h, window=n).eval()
     frame = torch.randn(1, d)
 
     def sdpa(q, k, v, *args, out_shape=None, **kwargs):  # CPU attention is not in torch's table
@@ -111,6 +113,7 @@ def test_step_macs_follow_the_paper():
 
     assert macs(single) == proj + h * 2 * n * dh
     assert macs(retro) == 3 * d * d + n * d * d + h * (4 * n * dh - 2 * dh)
+    assert macs(exact) == 3 * d * d + n * d * d + h * 2 * n * n * dh
 
 
 def test_conversion_sharing_and_errors():

@@ -70,8 +70,10 @@ class CoOadTR(Network):
         dropout: dropout after the positional encoding and inside the layers (training only).
         num_positions: ``K``, positions before they recycle (default ``window``).
         learned_positions: a learned table (default) or the fixed sinusoidal one.
-        recompute: recompute the retroactive layer's attention each step (exact for sharply
-            peaked attention; see :class:`costream.RetroactiveMultiheadAttention`).
+        recompute: recompute the retroactive layer's attention from cached queries, keys and
+            values each step (the default: exact at any score); ``False`` selects the paper's
+            running-sum update (cheaper by ``h (2 n^2 d_h - 7 n d_h)``, inexact and possibly NaN
+            for sharply peaked attention; see :class:`costream.RetroactiveMultiheadAttention`).
 
     Shape:
         clip ``(B, in_features, T)`` -> ``(B, num_classes, T - window + 1)``; frame
@@ -86,17 +88,19 @@ class CoOadTR(Network):
       ``h (2 n d_h + 2 d_h)`` = 0.13 M; out projection and feed-forward of one token
       ``d^2 + d + 2 d m + m + d`` = 3.15 M;
     - b1 in all, with norms, element-wise ops and the classifier: **10.72 M** (paper 10.6);
-    - b2's retroactive layer: q, k, v of the new token 3.15 M; attention
-      ``h (7 n d_h + 2 n - 3 d_h)`` = 0.46 M; out projection and feed-forward of all ``n``
+    - b2's retroactive layer: q, k, v of the new token 3.15 M; attention recomputed over the
+      window ``h (2 n^2 d_h + 2 n d_h)`` = 8.52 M (the paper's running-sum update,
+      ``recompute=False``: ``h (7 n d_h + 2 n - 3 d_h)`` = 0.46 M); out projection and
+      feed-forward of all ``n``
       tokens ``n (d^2 + d + 2 d m + m + d)`` = 201.5 M; its single-output layer then needs
       keys and values of all ``n`` updated tokens ``2 n (d^2 + d)`` = 134.3 M, plus the
       newest token's query, attention, out projection and feed-forward, 4.3 M;
-    - b2 in all: **348.6 M**. The paper's 411.9 M is consistent with also projecting the
-      queries of the 63 older tokens in the second layer (``63 (d^2 + d)`` = 66.1 M more),
-      which the output does not use.
+    - b2 in all: **356.7 M** (``recompute=False``: 348.6 M). The paper's 411.9 M is consistent
+      with the running-sum update plus projecting the queries of the 63 older tokens in the
+      second layer (``63 (d^2 + d)`` = 66.1 M more), which the output does not use.
 
     Parameter counts: b1 10.59 M (paper 10.5), b2 16.89 M (paper 16.8). 3072-d features: 9.67 and
-    347.6 MMACs per step (paper 9.6 and 410.8).
+    355.6 MMACs per step (``recompute=False``: 347.6; paper 9.6 and 410.8).
 
     Example:
         >>> import torch
@@ -112,7 +116,7 @@ class CoOadTR(Network):
     def __init__(self, num_layers: int = 1, *, in_features: int = 4096, num_classes: int = 22,
                  window: int = 64, embed_dim: int = 1024, num_heads: int = 8,
                  mlp_dim: int = 1024, dropout: float = 0.1, num_positions: int | None = None,
-                 learned_positions: bool = True, recompute: bool = False) -> None:
+                 learned_positions: bool = True, recompute: bool = True) -> None:
         num_layers = check_positive("num_layers", num_layers)
         window = check_positive("window", window)
         embed_dim = _check_width("embed_dim", embed_dim, check_positive("num_heads", num_heads))

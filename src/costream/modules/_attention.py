@@ -6,10 +6,11 @@ Attention runs over a sliding window of the last ``n`` tokens: receptive field `
 
 * :class:`SingleOutputMultiheadAttention` computes only the output of one query (by default the
   newest token) against the ``n`` keys: ``2 n d_h`` multiply-accumulates per head and step.
-* :class:`RetroactiveMultiheadAttention` updates the outputs of all ``n`` tokens of the window
-  (``7 n d_h`` per head and step in the paper's count) by adding the new token's terms to running
-  softmax sums and removing the terms of the token that left the window; or, with
-  ``recompute=True``, recomputes them from cached queries, keys and values (exact at any score).
+* :class:`RetroactiveMultiheadAttention` updates the outputs of all ``n`` tokens of the window.
+  By default (``recompute=True``) it recomputes them from cached queries, keys and values
+  (``2 n^2 d_h`` per head and step, exact at any score); ``recompute=False`` selects the paper's
+  update (``7 n d_h`` per head and step in its count), which adds the new token's terms to
+  running softmax sums and removes the terms of the token that left the window.
 
 :class:`_WindowAttention` is the shared streaming wrapper, also used by the Transformer encoder
 layers; the kernels live in ``_attention_ops``.
@@ -56,7 +57,7 @@ class _WindowAttention(CoModule):
 
     window: int
     query_index: int
-    recompute: bool = False
+    recompute: bool = True
 
     def _parts(self) -> ops.Parts:
         raise NotImplementedError
@@ -184,7 +185,8 @@ class _CoMultiheadAttention(_WindowAttention, nn.MultiheadAttention):
     def from_torch(cls, mha: nn.MultiheadAttention, window: int,
                    **options: Any) -> _CoMultiheadAttention:
         """Continual self-attention over ``window`` tokens sharing ``mha``'s parameters;
-        ``options`` are the class's keyword arguments (``query_index`` or ``recompute``)."""
+        ``options`` are the class's keyword arguments (``query_index``, or ``recompute`` of the
+        retroactive form)."""
         if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("continual attention supports self-attention with equal q/k/v "
                              "dims, without add_bias_kv or add_zero_attn")
@@ -243,7 +245,7 @@ class SingleOutputMultiheadAttention(_CoMultiheadAttention):
                  batch_first: bool = False, device: Any = None, dtype: Any = None, *,
                  window: int, query_index: int = -1) -> None:
         self._setup(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, window,
-                    query_index, False)
+                    query_index, True)
 
     def _retroactive(self) -> bool:
         return False
@@ -261,18 +263,22 @@ class RetroactiveMultiheadAttention(_CoMultiheadAttention):
     Args:
         window: ``n``, the number of tokens attended over.
         recompute: recompute the ``n`` outputs from the cached queries, keys and values every
-            step (regular attention over the window, ``2 n^2 d_h`` per head) instead of
-            updating running sums.
+            step (the default: regular attention over the window, ``2 n^2 d_h`` per head, exact
+            at any score); ``False`` updates running softmax sums instead (the paper's
+            ``O(n d_h)`` update, inexact for peaked attention: see below).
 
-    By default each step adds the new token's key/value to the running softmax sums of the kept
-    queries, removes those of the token that left the window and computes the new query's sums,
-    in ``O(n d_h)`` per head (Continual Transformers, arXiv 2201.06268). Sums are kept relative
-    to the largest score each query has seen (no overflow) and live only while their query is in
-    the window, so rounding does not build up over a stream. Removing a term is a subtraction,
+    With ``recompute=False`` each step adds the new token's key/value to the running softmax
+    sums of the kept queries, removes those of the token that left the window and computes the
+    new query's sums (Continual Transformers, arXiv 2201.06268). Sums are kept relative to the
+    largest score each query has seen (no overflow) and live only while their query is in the
+    window, so rounding does not build up over a stream. Removing a term is a subtraction,
     though: when the token leaving the window held nearly all of a query's attention, the rest
     of that query's sum keeps only about ``eps * (its weight / the others' weight)`` relative
-    accuracy. For sharply peaked attention (score gaps beyond ~``ln(1 / eps)`` / 2, i.e. ~8 in
-    float32) use ``recompute=True``, which is exact at any score.
+    accuracy, and at score gaps beyond ``ln(2 / eps)`` (~17 in float32, ~37 in float64) it
+    cancels to ``0 / 0`` (NaN). A non-finite token also stays in the sums of the queries that
+    saw it, so outputs stay non-finite up to ``n - 1`` steps longer than the window
+    computation's. The default recomputation has neither defect: its outputs are finite
+    exactly where torch's attention over the window is.
 
     Shape:
         clip ``(B, d, T)`` -> ``(B, d, T - n + 1, n)``: output ``t`` holds all ``n`` outputs of
@@ -290,9 +296,12 @@ class RetroactiveMultiheadAttention(_CoMultiheadAttention):
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  batch_first: bool = False, device: Any = None, dtype: Any = None, *,
-                 window: int, recompute: bool = False) -> None:
+                 window: int, recompute: bool = True) -> None:
         self._setup(embed_dim, num_heads, dropout, bias, batch_first, device, dtype, window, -1,
                     recompute)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recompute={self.recompute}"
 
     def _retroactive(self) -> bool:
         return True

@@ -6,12 +6,18 @@ values of a window are kept per head as one tensor ``(B, 2, h, n, d_h)``.
 
 * **Single-output attention** attends one query to the ``n`` keys of the window: ``2 n d_h``
   multiply-accumulates per head and step.
-* **Retroactive attention** updates the outputs of all ``n`` queries of the window. Every query
-  keeps a running numerator ``sum_j exp(s_ij - m_i) v_j``, denominator ``sum_j exp(s_ij - m_i)``
-  and reference ``m_i`` (the largest score it has seen, so no exponential overflows). A step adds
-  the new key's term, removes the term of the key that left the window, and computes the new
-  query's sums from scratch: ``O(n d_h)`` per head. A query's sums live only while it is in the
-  window (``n`` steps), so rounding errors do not accumulate over the stream.
+* **Retroactive attention** updates the outputs of all ``n`` queries of the window. By default
+  (``running=False`` in :func:`retro_init`) it recomputes them from the cached queries, keys and
+  values: regular attention over the window, ``2 n^2 d_h`` per head, exact at any score and
+  non-finite exactly where the window computation is. The paper's update (``running=True``)
+  keeps, per query, a running numerator ``sum_j exp(s_ij - m_i) v_j``, denominator
+  ``sum_j exp(s_ij - m_i)`` and reference ``m_i`` (the largest score it has seen, so no
+  exponential overflows); a step adds the new key's term, removes the term of the key that left
+  the window, and computes the new query's sums from scratch: ``O(n d_h)`` per head. A query's
+  sums live only while it is in the window (``n`` steps), so rounding errors do not accumulate
+  over the stream; but removing a term is a subtraction, which cancels catastrophically (down to
+  ``0 / 0``) when the leaving key held nearly all of a query's weight, and a non-finite key
+  stays in the sums of the queries that saw it until they leave the window.
 
 Keys whose token lies before the stream start (age ``< 0``) never enter a running sum (masks
 ``keep``/``valid`` below), so warm-up filler cannot disturb later outputs.
@@ -154,9 +160,9 @@ def single_chunk(p: Parts, x: Tensor, state: dict[str, Tensor], n: int, i: int, 
 
 # ---------------------------------------------------------------------- retroactive
 def retro_init(p: Parts, batch: int, n: int, keep_x: bool, device: torch.device,
-               dtype: torch.dtype, running: bool = True) -> dict[str, Tensor]:
-    """Fresh retroactive state (see :func:`retro_step`); without the running sums when the
-    outputs are recomputed (``running=False``)."""
+               dtype: torch.dtype, running: bool = False) -> dict[str, Tensor]:
+    """Fresh retroactive state (see :func:`retro_step`); with the running softmax sums only for
+    the paper's running-sum update (``running=True``)."""
     d, h = p.mha.embed_dim, p.mha.num_heads
     z = {"device": device, "dtype": dtype}
     state = {"q": torch.zeros(batch, h, n - 1, d // h, **z),
@@ -192,9 +198,11 @@ def retro_step(p: Parts, x: Tensor, state: dict[str, Tensor], n: int,
     State (``h`` heads of width ``d_h``): ``q`` ``(B, h, n-1, d_h)`` scaled queries of the newest
     ``n - 1`` tokens, ``kv`` ``(B, 2, h, n, d_h)`` keys/values of the last ``n`` tokens, ``num``
     ``(B, h, n-1, d_h)``, ``den`` and ``ref`` ``(B, h, n-1)`` the running sums of those queries
-    over ``kv``, and ``x`` ``(B, n-1, d)`` the tokens (when ``post`` needs them). Without
-    ``num`` in the state, the outputs are recomputed over the window instead (regular attention
-    of the ``n`` cached queries: exact whatever the scores, ``2 n^2 d_h`` per head).
+    over ``kv`` (running-sum update only), and ``x`` ``(B, n-1, d)`` the tokens (when ``post``
+    needs them). Without ``num`` in the state (the default), the outputs are recomputed over the
+    window (regular attention of the ``n`` cached queries: exact whatever the scores,
+    ``2 n^2 d_h`` per head); with it, they are updated from the running sums (``O(n d_h)``,
+    inexact for sharply peaked attention: see the module docstring).
     """
     d, h = p.mha.embed_dim, p.mha.num_heads
     b = x.shape[0]

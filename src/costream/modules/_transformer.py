@@ -6,7 +6,9 @@ applied to that window. Tokens stream as frames ``(B, d)``; clips are ``(B, d, T
 
 * One layer: a single-output layer (the chosen query against the ``n`` cached keys/values).
 * Two layers: a retroactive first layer (the outputs of all ``n`` window tokens are updated, and
-  its feed-forward block runs on all ``n``), then a single-output second layer over them.
+  its feed-forward block runs on all ``n``), then a single-output second layer over them. The
+  retroactive attention recomputes the window from cached queries, keys and values (exact) unless
+  ``recompute=False`` asks for the paper's running-sum update.
 * More layers: retroactive first layer, regular attention over the ``n`` updated tokens in the
   middle layers (every window token changes each step, so they recompute the whole window:
   correct, at the cost of a regular layer), single-output last layer.
@@ -52,8 +54,10 @@ class TransformerEncoderLayer(_WindowAttention, nn.TransformerEncoderLayer):
         retroactive: return the updated outputs of all ``n`` window tokens per step instead
             (retroactive attention; ``query_index`` is then unused).
         recompute: with ``retroactive``, recompute the attention of the ``n`` tokens from
-            cached queries, keys and values each step instead of updating running sums (see
-            :class:`RetroactiveMultiheadAttention`: exact for sharply peaked attention).
+            cached queries, keys and values each step (the default: exact at any score);
+            ``False`` updates running softmax sums instead (the paper's ``O(n d_h)`` update,
+            inexact and possibly NaN for sharply peaked attention; see
+            :class:`RetroactiveMultiheadAttention`).
 
     Shape:
         clip ``(B, d, T)`` -> ``(B, d, T - n + 1)`` (retroactive: ``(B, d, T - n + 1, n)``):
@@ -75,7 +79,7 @@ class TransformerEncoderLayer(_WindowAttention, nn.TransformerEncoderLayer):
                  layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, device: Any = None,
                  dtype: Any = None, *, window: int, query_index: int = -1,
-                 retroactive: bool = False, recompute: bool = False) -> None:
+                 retroactive: bool = False, recompute: bool = True) -> None:
         nn.TransformerEncoderLayer.__init__(
             self, d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
             batch_first, norm_first, bias, device, dtype)
@@ -85,7 +89,7 @@ class TransformerEncoderLayer(_WindowAttention, nn.TransformerEncoderLayer):
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer, window: int, query_index: int = -1,
-                   retroactive: bool = False, recompute: bool = False) -> TransformerEncoderLayer:
+                   retroactive: bool = False, recompute: bool = True) -> TransformerEncoderLayer:
         """A continual layer over ``window`` tokens sharing ``layer``'s parameters."""
         att = layer.self_attn
         new = cls(att.embed_dim, att.num_heads, layer.linear1.out_features, 0.0,
@@ -99,7 +103,8 @@ class TransformerEncoderLayer(_WindowAttention, nn.TransformerEncoderLayer):
         return new
 
     def extra_repr(self) -> str:
-        form = "retroactive" if self.retroactive else f"query_index={self.query_index}"
+        form = (f"retroactive, recompute={self.recompute}" if self.retroactive
+                else f"query_index={self.query_index}")
         return f"window={self.window}, {form}, norm_first={self.norm_first}"
 
     # ------------------------------------------------------------------ block pieces
@@ -158,9 +163,11 @@ class TransformerEncoder(_WindowAttention, nn.TransformerEncoder):
         norm: optional final normalisation (applied to the returned token).
         window: ``n``, the number of tokens attended over.
         query_index: window position whose output is returned (``-1``: the newest token).
-        recompute: recompute the first layer's attention over the window each step instead of
-            updating running sums (exact for sharply peaked attention; see
-            :class:`RetroactiveMultiheadAttention`).
+        recompute: recompute the first layer's attention over the window each step (the
+            default: exact at any score, ``2 n^2 d_h`` per head); ``False`` updates running
+            softmax sums instead (the paper's ``O(n d_h)`` update, inexact and possibly NaN for
+            sharply peaked attention; see :class:`RetroactiveMultiheadAttention`). Unused with
+            one layer.
 
     Shape:
         clip ``(B, d, T)`` -> ``(B, d, T - n + 1)``; frame ``(B, d)`` -> ``(B, d)``.
@@ -179,7 +186,7 @@ class TransformerEncoder(_WindowAttention, nn.TransformerEncoder):
 
     def __init__(self, encoder_layer: nn.TransformerEncoderLayer, num_layers: int,
                  norm: nn.Module | None = None, *, window: int, query_index: int = -1,
-                 recompute: bool = False) -> None:
+                 recompute: bool = True) -> None:
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if not isinstance(encoder_layer, TransformerEncoderLayer):
@@ -190,7 +197,7 @@ class TransformerEncoder(_WindowAttention, nn.TransformerEncoder):
 
     @classmethod
     def from_torch(cls, encoder: nn.TransformerEncoder, window: int, query_index: int = -1,
-                   recompute: bool = False) -> TransformerEncoder:
+                   recompute: bool = True) -> TransformerEncoder:
         """A continual encoder over ``window`` tokens sharing ``encoder``'s parameters."""
         layers = [layer if isinstance(layer, TransformerEncoderLayer)
                   else TransformerEncoderLayer.from_torch(layer, window)
