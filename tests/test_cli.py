@@ -19,8 +19,10 @@ def build():
 
 @pytest.fixture
 def user_model(tmp_path, monkeypatch):
+    """``user_model:build`` in the working directory, as docs/cli.md describes (not on
+    sys.path: the console script must find it there)."""
     (tmp_path / "user_model.py").write_text(MODEL)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     yield "user_model:build"
     sys.modules.pop("user_model", None)
 
@@ -38,6 +40,16 @@ def test_demo_runs(capsys):
     assert "max |step - offline|" in capsys.readouterr().out
 
 
-def test_unknown_subcommand_exits():
-    with pytest.raises(SystemExit):
-        main(["no-such-command"])
+def test_unknown_subcommand_is_one_line_and_status_2(capsys):
+    assert main(["no-such-command"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("costream: error: argument command")
+
+
+def test_user_model_resolves_from_the_working_directory(user_model, tmp_path, capsys):
+    import os
+
+    assert str(tmp_path) not in sys.path and os.getcwd() not in sys.path
+    assert main(["info", user_model, "--frame-shape", "3"]) == 0
+    assert "receptive field  7 frames" in capsys.readouterr().out  # 3 + 2 * (3 - 1)
+    assert os.getcwd() not in sys.path  # only while the model is imported

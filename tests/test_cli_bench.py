@@ -23,6 +23,12 @@ def build_1d():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv1d(5, 8, 3), torch.nn.ReLU(),
                                torch.nn.Conv1d(8, 2, 3, dilation=2))
+def encoder(batch_first=True):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+    return torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+def encoder_seq_first():
+    return encoder(batch_first=False)
 class Future(torch.nn.Module):
     def forward(self, x):
         return x.flip(2)
@@ -34,7 +40,7 @@ def not_streamable():
 @pytest.fixture
 def user_model(tmp_path, monkeypatch):
     (tmp_path / "bench_user_model.py").write_text(MODEL)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # the working directory is importable
     yield "bench_user_model"
     sys.modules.pop("bench_user_model", None)
 
@@ -79,15 +85,15 @@ def test_convert_verify_save_and_load(user_model, tmp_path, capsys):
     assert (spec["receptive_field"], spec["delay"], spec["stride"]) == (5, 3, 2)
     assert spec["verified"]["max_abs_diff"] <= 1e-5
 
-    net, loaded_spec = load_converted(out)
+    net, loaded_spec = load_converted(out, trust=True)
     assert loaded_spec == spec
-    source = __import__(user_model).build().eval()
+    source = sys.modules[user_model].build().eval()
     x = torch.randn(1, 3, 9, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(net.forward_steps(x, pad_end=True), source(x),
                                    rtol=1e-4, atol=1e-5)
 
-    assert main(["info", str(out)]) == 0
+    assert main(["info", str(out), "--trust"]) == 0
     text = capsys.readouterr().out
     assert "receptive field  5 frames" in text and "stride           2" in text
 
@@ -117,6 +123,37 @@ def test_info_of_a_builtin_workload(capsys):
     assert "10 tensors" in text
 
 
-def test_bench_unknown_model_fails():
-    with pytest.raises(KeyError, match="unknown model"):
-        main(["bench", "no_such_model", "--no-progress"])
+def test_bench_unknown_model_fails(capsys):
+    assert main(["bench", "no_such_model", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("costream bench: error: unknown model 'no_such_model'")
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("builder", ["encoder", "encoder_seq_first"])
+def test_convert_transformer_encoder_with_a_window(user_model, builder, tmp_path, capsys):
+    out = tmp_path / f"{builder}.pt"
+    assert main(["convert", f"{user_model}:{builder}", "--frame-shape", "8",
+                 "--temporal-window", "4", "--out", str(out)]) == 0, capsys.readouterr().out
+    assert "OK:" in capsys.readouterr().out
+    net, spec = load_converted(out, trust=True)
+    assert spec["options"] == {"temporal_window": 4}
+    # reference: the torch encoder on every window of 4 tokens, newest token's output
+    source = getattr(sys.modules[user_model], builder)().eval()
+    x = torch.randn(2, 8, 9)
+    windows = x.unfold(2, 4, 1).permute(0, 2, 3, 1).reshape(-1, 4, 8)  # (B * 6, 4, d)
+    with torch.no_grad():
+        if builder == "encoder":
+            expected = source(windows)[:, -1]
+        else:
+            expected = source(windows.transpose(0, 1))[-1]
+        got = net.forward_steps(x)
+    torch.testing.assert_close(got, expected.reshape(2, 6, 8).transpose(1, 2),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_bench_takes_a_temporal_window(user_model, capsys):
+    assert main(["bench", f"{user_model}:encoder", "--frame-shape", "8", "--temporal-window",
+                 "5", "--steps", "3", "--threads", "1", "--no-progress", "--json", "-"]) == 0
+    [row] = json.loads(capsys.readouterr().out)["results"]
+    assert row["receptive_field"] == 5 and row["exact"]

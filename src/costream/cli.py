@@ -1,7 +1,8 @@
 """The ``costream`` console script: a thin layer over the public API.
 
 Subcommands register themselves in ``_COMMANDS`` with a function that adds their arguments and
-one that runs them.
+one that runs them. A user error is one line on stderr and exit status 2 (``--debug`` shows the
+traceback); any other failure is one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -10,6 +11,20 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from ._cli_util import (
+    ArgumentParser,
+    UsageError,
+    check_writable,
+    device,
+    frame_errors,
+    load_model,
+    one_line,
+    positive_int,
+    probe_frames,
+    user_errors,
+)
+from ._cli_util import shape as _shape
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 _COMMANDS: list[Command] = []
@@ -27,7 +42,8 @@ def command(name: str, help_text: str):
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", type=int, default=64, help="frames to stream (default 64)")
+    p.add_argument("--frames", type=positive_int, default=64,
+                   help="frames to stream (default 64)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -41,35 +57,13 @@ _demo.add_arguments = _demo_args
 command("demo", "convert a small network, stream it frame by frame and check exactness")(_demo)
 
 
-def load_model(spec: str):
-    """A model from a zoo name (``costream.models``), ``package.module:function`` or a file
-    written by ``costream convert``."""
-    import importlib
-
-    import torch
-
-    from .convert import continual
-
-    if spec.endswith((".pt", ".pth")) and Path(spec).exists():  # written by `costream convert`
-        from .bench import load_converted
-
-        return load_converted(spec)[0]
-    if ":" in spec:
-        mod_name, fn_name = spec.split(":", 1)
-        model = getattr(importlib.import_module(mod_name), fn_name)()
-    else:
-        try:
-            from .models import create_model
-        except ImportError as err:
-            raise SystemExit(f"unknown model {spec!r}: give package.module:function") from err
-        model = create_model(spec)
-    if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"{spec} did not return a torch.nn.Module")
-    return continual(model).eval()
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
+def _model_options(p: argparse.ArgumentParser, window: bool = True) -> None:
+    p.add_argument("--trust", action="store_true",
+                   help="a file written by `costream convert` names the function that builds "
+                        "it: import and run it (only for files you trust)")
+    if window:
+        p.add_argument("--temporal-window", type=positive_int, default=None,
+                       help="tokens attended over online (models with attention)")
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -77,14 +71,19 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", required=True, help="output .onnx path (manifest: <path>.json)")
     p.add_argument("--frame-shape", type=_shape, required=True,
                    help="one input frame without batch, e.g. 3,160,160")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    _model_options(p)
 
 
 def _export(args: argparse.Namespace) -> int:
     from .export import export_onnx
 
-    net = load_model(args.model)
-    manifest = export_onnx(net, args.onnx, args.frame_shape, batch_size=args.batch_size)
+    check_writable(args.onnx, "--onnx")
+    check_writable(f"{args.onnx}.json", "--onnx")
+    net = load_model(args.model, trust=args.trust, temporal_window=args.temporal_window)
+    probe_frames(net, args.frame_shape, args.model, args.batch_size)
+    with frame_errors(args.frame_shape, args.model):
+        manifest = export_onnx(net, args.onnx, args.frame_shape, batch_size=args.batch_size)
     print(f"wrote {args.onnx} (+ .json): {len(manifest['state'])} state tensors, "
           f"{manifest['frames_per_call']} frame(s) per call, delay {manifest['delay']}")
     return 0
@@ -97,9 +96,10 @@ command("export", "export a continual model's step to ONNX with a state manifest
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("onnx", help="an .onnx file written by `costream export`")
     p.add_argument("model", help="the model it was exported from (name or module:function)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=positive_int, default=None,
                    help="frames to stream (default: twice the receptive field)")
     p.add_argument("--atol", type=float, default=1e-4)
+    _model_options(p)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -110,8 +110,9 @@ def _verify(args: argparse.Namespace) -> int:
 
     from .export import OnnxStreamRunner
 
-    net = load_model(args.model)
-    manifest = json.loads(open(args.onnx + ".json").read())
+    with user_errors():
+        manifest = json.loads(Path(args.onnx + ".json").read_text())
+    net = load_model(args.model, trust=args.trust, temporal_window=args.temporal_window)
     s = manifest["stride"]
     frames = args.frames or 2 * manifest["receptive_field"] + s
     frames -= frames % s
@@ -146,10 +147,13 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="models to run (default: the embedded set): built-in workloads tcn, "
                         "transformer; continual zoo models, e.g. cox3d_s; "
                         "package.module:function; files written by `costream convert`")
-    p.add_argument("--batch-size", type=int, default=1, help="streams stepped together")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--steps", type=int, default=30, help="steady-state steps timed per model")
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="streams stepped together")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads (default: torch's)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--steps", type=positive_int, default=30,
+                   help="steady-state steps timed per model")
     p.add_argument("--frame-shape", type=_shape, default=None,
                    help="input frame C,H,W (or C) for package.module:function models")
     p.add_argument("--json", default=None, metavar="PATH",
@@ -165,6 +169,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="window lengths for --plot, as multiples of each clip (default 1,2,4)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(p)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -174,17 +179,28 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .bench import format_table, plot_bench, run_bench, to_csv, to_json, to_markdown
     from .bench._report import NOTES
+    from .bench._run import WorkloadError
+    from .bench._workloads import check_model_name
 
+    for flag in ("json", "csv", "markdown", "plot"):
+        check_writable(getattr(args, flag), f"--{flag}")
     if args.plot:
         import importlib.util
 
         if importlib.util.find_spec("matplotlib") is None:
-            raise SystemExit("--plot needs matplotlib: pip install matplotlib")
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    with user_errors():
+        for name in args.models:
+            check_model_name(name, trust=args.trust)
     t0 = time.perf_counter()
-    rows = run_bench(args.models or None, batch_size=args.batch_size, threads=args.threads,
-                     device=args.device, steps=args.steps, progress=not args.no_progress,
-                     frame_shape=args.frame_shape,
-                     window_factors=args.windows if args.plot else (), seed=args.seed)
+    try:
+        rows = run_bench(args.models or None, batch_size=args.batch_size, threads=args.threads,
+                         device=args.device, steps=args.steps, progress=not args.no_progress,
+                         frame_shape=args.frame_shape,
+                         window_factors=args.windows if args.plot else (), seed=args.seed,
+                         temporal_window=args.temporal_window, trust=args.trust)
+    except WorkloadError as err:
+        raise UsageError(str(err)) from err
     elapsed = time.perf_counter() - t0
     command = " ".join(["costream", *(shlex.quote(a) for a in args.argv)])
     if args.json:
@@ -223,40 +239,45 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .pt (state_dict); spec: <out>.json")
     p.add_argument("--frame-shape", type=_shape, default=None,
                    help="one input frame without batch, e.g. 3,112,112 (1D models: C)")
-    p.add_argument("--temporal-window", type=int, default=None,
+    p.add_argument("--temporal-window", type=positive_int, default=None,
                    help="tokens attended over online (models with attention)")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=positive_int, default=None,
                    help="frames of the verification clip (default: twice the receptive field)")
     p.add_argument("--rtol", type=float, default=None, help="default: float32 tolerance 1e-4")
     p.add_argument("--atol", type=float, default=None, help="default: float32 tolerance 1e-5")
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from ._version import __version__
+    from .bench._converted import save_converted, window_reference
     from .bench._run import _exactness
     from .bench._workloads import _infer_frame_shape, build_source
     from .convert import continual
     from .testing import assert_streaming_equivalent, tolerances
 
-    model = build_source(args.model).eval()
+    check_writable(args.out, "--out")
+    check_writable(f"{args.out}.json", "--out")
+    with user_errors():
+        model = build_source(args.model).eval()
     options = {} if args.temporal_window is None else {"temporal_window": args.temporal_window}
     try:
         net = continual(model, **options).eval()
     except (TypeError, ValueError) as err:
-        print(f"FAIL: cannot convert {args.model}: {err}")
+        print(f"FAIL: cannot convert {args.model}: {one_line(err)}")
         return 1
-    shape = args.frame_shape or _infer_frame_shape(net, args.model)
+    with user_errors():
+        shape = args.frame_shape or _infer_frame_shape(net, args.model)
     geom = net.temporal
     frames = args.frames or 2 * geom.receptive_field + geom.stride
     clip = torch.randn(2, shape[0], frames, *shape[1:])
     tol = tolerances(torch.float32)
     rtol, atol = args.rtol or tol["rtol"], args.atol or tol["atol"]
     try:
-        assert_streaming_equivalent(net, clip, model, rtol=rtol, atol=atol)
+        with frame_errors(shape, args.model):
+            assert_streaming_equivalent(net, clip, window_reference(model, args.temporal_window),
+                                        rtol=rtol, atol=atol)
     except AssertionError as err:
         print(f"FAIL: {args.model} does not stream exactly: {err}")
         return 1
@@ -264,23 +285,20 @@ def _convert(args: argparse.Namespace) -> int:
         check = _exactness(net, clip)
     net.reset_state()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out)
-    spec = {
-        "format": "costream-convert/1", "source": args.model, "options": options,
+    save_converted(net, out, {
+        "source": args.model, "options": options,
         "frame_shape": list(shape), "receptive_field": geom.receptive_field,
         "delay": geom.delay, "stride": geom.stride, "padding": geom.padding,
         "params": sum(p.numel() for p in net.parameters()),
         "verified": {"frames": frames, "batch_size": 2, "rtol": rtol, "atol": atol,
                      "max_abs_diff": check["max_abs_diff"]},
         "costream": __version__, "torch": torch.__version__,
-    }
-    Path(f"{out}.json").write_text(json.dumps(spec, indent=2) + "\n")
+    })
     print(f"OK: {args.model} converted and verified on {frames} frames "
           f"(max |step - offline| = {check['max_abs_diff']:.2e}); receptive field "
           f"{geom.receptive_field}, delay {geom.delay}, stride {geom.stride}")
-    print(f"wrote {out} (state_dict) and {out}.json (spec); load with "
-          f"costream.bench.load_converted({str(out)!r})")
+    print(f"wrote {out} (state_dict) and {out}.json (spec with checksums); load with "
+          f"costream.bench.load_converted({str(out)!r}, build) or trust=True")
     return 0
 
 
@@ -294,10 +312,9 @@ def _info_args(p: argparse.ArgumentParser) -> None:
                                  "file written by `costream convert`")
     p.add_argument("--frame-shape", type=_shape, default=None,
                    help="one input frame without batch (default: the model's native one)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--temporal-window", type=int, default=None,
-                   help="tokens attended over online (models with attention)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--json", action="store_true", help="print JSON")
+    _model_options(p)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -306,7 +323,10 @@ def _info(args: argparse.Namespace) -> int:
     from .bench._info import describe, format_info
     from .bench._workloads import resolve_workload
 
-    w = resolve_workload(args.model, args.frame_shape, temporal_window=args.temporal_window)
+    with user_errors():
+        w = resolve_workload(args.model, args.frame_shape, temporal_window=args.temporal_window,
+                             trust=args.trust)
+    probe_frames(w.net, w.frame_shape, args.model, args.batch_size)
     info = describe(w, args.batch_size)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -366,19 +386,58 @@ command("listen", "stream a WAV file through a keyword spotter, printing detecti
     _listen)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve._cli import run
+
+    return run(args)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve._cli import add_arguments
+
+    add_arguments(p)
+
+
+_serve.add_arguments = _serve_args
+command("serve", "serve a model's streams on Ray Serve (replicas, failover, HTTP/WebSocket); "
+        "--bench drives it with a load generator")(_serve)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``costream`` console script."""
-    parser = argparse.ArgumentParser(prog="costream", description=__doc__.splitlines()[0])
+    """Entry point of the ``costream`` console script; returns the exit status."""
+    parser = ArgumentParser(prog="costream", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
     for name, add_arguments, run in _COMMANDS:
         p = sub.add_parser(name, help=getattr(run, "help_text", None))
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error instead of one line")
         add_arguments(p)
         runners[name] = run
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    args.argv = argv
-    return runners[args.command](args)
+    debug = "--debug" in argv
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        args.argv = argv
+        return runners[args.command](args)
+    except UsageError as err:
+        if debug:
+            raise
+        prog = err.prog or (f"costream {args.command}" if args else "costream")
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("costream: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or args is None:
+            raise
+        print(f"costream {args.command}: error: {type(err).__name__}: {one_line(err)} "
+              f"(--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

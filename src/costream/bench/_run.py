@@ -34,10 +34,20 @@ from ..testing import tolerances
 from ._ptflops import PtflopsCounter
 from ._workloads import DEFAULT_MODELS, Workload, resolve_workload
 
-__all__ = ["MAX_WINDOW_MACS", "run_bench", "state_bytes"]
+__all__ = ["MAX_WINDOW_MACS", "FrameShapeError", "WorkloadError", "run_bench", "state_bytes"]
 
 #: Window sweeps skip offline windows estimated above this many MACs (minutes on a CPU).
 MAX_WINDOW_MACS = 6e10
+
+
+class WorkloadError(ValueError):
+    """A model :func:`run_bench` cannot build (unknown name, module or function, no frame
+    shape, a damaged or untrusted file); the message names it."""
+
+
+class FrameShapeError(WorkloadError):
+    """A benchmarked model fails on frames of the shape it was given (the first run of it)."""
+
 
 # ---------------------------------------------------------------------------- counting
 def _clip_macs(net: nn.Module, clip: Tensor) -> int:
@@ -189,7 +199,12 @@ def _measure(w: Workload, batch_size: int, steps: int, device: torch.device,
     x = torch.randn(w.clip_shape(batch_size, stream_len), device=device)
 
     stage(f"exactness over {stream_len} frames")
-    row.update(_exactness(net, x))
+    try:
+        row.update(_exactness(net, x))
+    except (RuntimeError, ValueError) as err:  # the first time the model sees the frames
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        shape = ",".join(str(v) for v in w.frame_shape)
+        raise FrameShapeError(f"fails on frames of shape {shape}: {first}") from err
     frames = [x[:, :, t] for t in range(stream_len)]
 
     stage("MACs")
@@ -248,6 +263,8 @@ def run_bench(
     frame_shape: tuple[int, ...] | None = None,
     window_factors: Sequence[int] = (),
     seed: int = 0,
+    temporal_window: int | None = None,
+    trust: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark continual models against their offline computation; one result per model.
 
@@ -265,6 +282,14 @@ def run_bench(
             (same weights; models that can be resized, windows up to an estimated
             ``MAX_WINDOW_MACS`` = 6e10 MACs), e.g. ``(1, 2, 4)`` for plots.
         seed: seed of the random weights and inputs.
+        temporal_window: tokens attended over online, for ``module:function`` models with
+            attention (passed to :func:`costream.continual`).
+        trust: run the builder that a ``costream convert`` file names (see
+            :func:`load_converted`); without it such files are refused.
+
+    Raises:
+        WorkloadError: a model that cannot be built; :class:`FrameShapeError` if it fails on
+            the frames it is given.
 
     Returns:
         one dict per model with the keys of ``COLUMNS`` (MACs in the ptflops convention,
@@ -305,10 +330,19 @@ def run_bench(
             stage("building")
             t0 = time.perf_counter()
             jiffies = _cpu_jiffies()
-            w = resolve_workload(spec, frame_shape, seed=seed)
+            try:
+                w = resolve_workload(spec, frame_shape, temporal_window=temporal_window,
+                                     seed=seed, trust=trust)
+            except (KeyError, ValueError, TypeError, ImportError, AttributeError,
+                    OSError) as err:
+                text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+                raise WorkloadError(f"{label}: {text}") from err
             torch.manual_seed(seed)
-            with torch.inference_mode():
-                row = _measure(w, batch_size, steps, dev, window_factors, stage)
+            try:
+                with torch.inference_mode():
+                    row = _measure(w, batch_size, steps, dev, window_factors, stage)
+            except FrameShapeError as err:
+                raise FrameShapeError(f"{label} {err}") from err.__cause__
             seconds = time.perf_counter() - t0
             row.update(threads=torch.get_num_threads(), device=str(dev), seconds=seconds,
                        other_load=_other_load(jiffies, seconds))

@@ -17,10 +17,12 @@ offline counterpart runs on. :func:`resolve_workload` turns a name into one:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
-import json
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from ..convert import continual
+from ._converted import load_converted
 
 __all__ = ["BUILTIN_WORKLOADS", "DEFAULT_MODELS", "Workload", "load_converted",
            "resolve_workload"]
@@ -135,60 +138,106 @@ def _zoo(name: str) -> Workload | None:
                     description=f"{type(net).__name__}({net.extra_repr()})")
 
 
-def load_converted(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by ``costream convert`` and load its weights.
-
-    ``path`` holds the converted module's ``state_dict``; ``<path>.json`` the spec: the
-    ``module:function`` that builds the ``torch.nn`` model, the conversion options and the frame
-    shape. The function is imported and called, the result converted, and the weights loaded
-    with ``torch.load(weights_only=True)``.
-
-    Returns:
-        the continual module (eval mode) and the spec.
-
-    Example:
-        >>> from costream.bench import load_converted
-        >>> load_converted("no/such/model.pt")
-        Traceback (most recent call last):
-        ...
-        FileNotFoundError: no/such/model.pt.json: not a model written by `costream convert`
-    """
-    path = Path(path)
-    spec_path = Path(f"{path}.json")
-    if not spec_path.exists():
-        raise FileNotFoundError(f"{spec_path}: not a model written by `costream convert`")
-    spec = json.loads(spec_path.read_text())
-    net = continual(build_source(spec["source"]), **spec.get("options", {}))
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return net.eval(), spec
-
-
 def build_source(source: str) -> nn.Module:
     """Import ``package.module:function`` and call it; the result must be a ``torch.nn.Module``.
+
+    The working directory is importable (it is on ``sys.path`` while the module is imported
+    and the function runs), so ``mymodel:build`` finds ``./mymodel.py``.
 
     Example:
         >>> from costream.bench._workloads import build_source
         >>> build_source("costream.demo:build_tcn").training
         False
     """
-    if ":" not in source:
-        raise ValueError(f"expected package.module:function, got {source!r}")
-    mod_name, fn_name = source.split(":", 1)
-    model = getattr(importlib.import_module(mod_name), fn_name)()
+    fn = import_builder(source)
+    with _cwd_importable():
+        model = fn()
     if not isinstance(model, nn.Module):
         raise TypeError(f"{source} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+def import_builder(source: str) -> Callable[[], Any]:
+    """The function ``package.module:function`` names, imported (the working directory is
+    importable) but not called.
+
+    Example:
+        >>> from costream.bench._workloads import import_builder
+        >>> import_builder("costream.demo:no_such_function")
+        Traceback (most recent call last):
+        ...
+        AttributeError: costream.demo:no_such_function: costream.demo has no attribute ...
+    """
+    mod_name, sep, fn_name = source.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"expected package.module:function, got {source!r}")
+    with _cwd_importable() as cwd:
+        try:
+            fn: Any = importlib.import_module(mod_name)
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(f"{source}: no module named {err.name!r} (searched the "
+                                      f"working directory {cwd} and sys.path)",
+                                      name=err.name) from err
+    for part in fn_name.split("."):
+        if not hasattr(fn, part):
+            raise AttributeError(f"{source}: {mod_name} has no attribute {fn_name!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise TypeError(f"{source}: {fn_name} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def check_model_name(spec: str, *, trust: bool = False) -> None:
+    """Raise what :func:`resolve_workload` would for a name that cannot resolve, cheaply:
+    nothing is built (a ``module:function`` is imported, not called; a converted file's spec
+    and checksums are read).
+
+    Example:
+        >>> from costream.bench._workloads import check_model_name
+        >>> check_model_name("tcn")
+        >>> check_model_name("cox3d_s")
+    """
+    from ._converted import read_spec
+
+    if spec in BUILTIN_WORKLOADS:
+        return
+    if spec.endswith((".pt", ".pth")) and Path(spec).exists():
+        info = read_spec(spec)
+        if not trust:
+            load_converted(spec, trust=False)  # raises: the file's builder runs only if trusted
+        import_builder(info["source"])
+    elif ":" in spec:
+        import_builder(spec)
+    elif spec not in _zoo_names():
+        known = ", ".join([*BUILTIN_WORKLOADS, *_zoo_names()])
+        raise KeyError(f"unknown model {spec!r}: give one of {known}, "
+                       f"package.module:function or a file written by `costream convert`")
+
+
+@contextlib.contextmanager
+def _cwd_importable() -> Iterator[str]:
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        yield cwd
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def resolve_workload(spec: str | Workload, frame_shape: tuple[int, ...] | None = None, *,
-                     temporal_window: int | None = None, seed: int = 0) -> Workload:
+                     temporal_window: int | None = None, seed: int = 0,
+                     trust: bool = False) -> Workload:
     """The :class:`Workload` for a built-in name, a zoo model, ``module:function`` or a file.
 
     Weights are random (seeded with ``seed``) unless the spec is a converted file or the
     function loads its own. ``frame_shape`` ``(C, *spatial)`` overrides the model's native
     frame shape; it is required for ``module:function`` models that are not 1D (frames
     ``(B, C)``). ``temporal_window`` is passed to :func:`costream.continual` for models with
-    attention.
+    attention. A file written by ``costream convert`` names the function that builds it, which
+    runs only with ``trust=True`` (see :func:`load_converted`).
 
     Example:
         >>> from costream.bench import resolve_workload
@@ -202,7 +251,7 @@ def resolve_workload(spec: str | Workload, frame_shape: tuple[int, ...] | None =
     if spec in BUILTIN_WORKLOADS:
         w = BUILTIN_WORKLOADS[spec]()
     elif spec.endswith((".pt", ".pth")) and Path(spec).exists():
-        net, info = load_converted(spec)
+        net, info = load_converted(spec, trust=trust)
         shape = tuple(frame_shape or info["frame_shape"])
         w = Workload(Path(spec).stem, net, shape, net.receptive_field,
                      description=f"converted from {info['source']}")
@@ -215,9 +264,7 @@ def resolve_workload(spec: str | Workload, frame_shape: tuple[int, ...] | None =
     else:
         found = _zoo(spec)
         if found is None:
-            known = ", ".join([*BUILTIN_WORKLOADS, *_zoo_names()])
-            raise KeyError(f"unknown model {spec!r}: give one of {known}, "
-                           f"package.module:function or a file written by `costream convert`")
+            check_model_name(spec)  # raises, naming the known models
         w = found
     if frame_shape is not None:
         w = copy.copy(w)

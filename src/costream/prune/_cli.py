@@ -97,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"costream prune needs the 'prune' extra (pip install 'costream[prune]'): {e}",
               file=sys.stderr)
         return 2
+    from .._cli_util import check_writable
+
+    check_writable(args.out, "--out")  # before anything runs (raises the CLI's UsageError)
+    check_writable(args.report, "--report")
     try:
         shape = _shape(args.example_input_shape)
         build = _factory(args.model)
