@@ -134,12 +134,51 @@ class Graph(CoModule):
 
     # ------------------------------------------------------------------ geometry
     def _prepare(self) -> None:
+        """Slots of the continual nodes and join lines in the state, and the step plan."""
+        co_slot: dict[int, int] = {}
+        line_slot: dict[tuple[int, int], int] = {}
+        plan = []
         for n in self._nodes:
+            i = n.index
             if n.kind == "co":
                 n.co._prepare()
-        out = self._nodes[self._output]
-        self._geom = out.geometry
-        self._cos = [n for n in self._nodes if n.kind == "co"]
+                co_slot[i] = len(co_slot)
+                plan.append((0, i, n.source, (co_slot[i], n.co._step), n.keep_axis))
+            elif n.kind == "input":
+                plan.append((2, i, -1, None, None))
+            elif n.kind == "static":
+                plan.append((3, i, -1, None, n.fn))
+            elif n.kind == "crop":
+                plan.append((4, i, n.source, None, None))
+            elif n.lines:
+                entries = []
+                for j, length in n.lines:
+                    line_slot[(i, j)] = len(line_slot)
+                    entries.append((j, length, line_slot[(i, j)], self._nodes[j].geometry))
+                plan.append((5, i, -1, None, tuple(entries)))
+            else:
+                rest = tuple(n.streams[1:])
+                plan.append((1, i, n.streams[0], rest, self._caller(n)))
+        self._co_slot, self._line_slot, self._plan = co_slot, line_slot, plan
+        self._geom = self._nodes[self._output].geometry
+
+    def _caller(self, n: Node) -> Callable[[list], Any]:
+        """``vals -> value`` of an ``fn`` node on frames, without generic argument mapping
+        for the common shapes (one or two node arguments, or one and a constant)."""
+        fn, args = n.fn, n.args
+        if n.fast and not n.kwargs:
+            if len(args) == 1 and isinstance(args[0], Ref):
+                a = args[0].index
+                return lambda v: fn(v[a])
+            if len(args) == 2 and isinstance(args[0], Ref):
+                a = args[0].index
+                if isinstance(args[1], Ref):
+                    b = args[1].index
+                    return lambda v: fn(v[a], v[b])
+                c = args[1]
+                if not isinstance(c, (tuple, list, dict, slice)):
+                    return lambda v: fn(v[a], c)
+        return lambda v: self._apply_frame(n, v.__getitem__)
 
     def _temporal(self) -> Temporal:
         return self._geom
@@ -158,8 +197,8 @@ class Graph(CoModule):
     def _init(self, batch: int, shape: Any, device: torch.device, dtype: torch.dtype):
         """States of the continual nodes and join lines; frame shapes by a dry run on zeros."""
         frames: list[Any] = [None] * len(self._nodes)
-        states: dict[str, Any] = {}
-        lines: dict[str, Any] = {}
+        states: list[Any] = [None] * len(self._co_slot)
+        lines: list[Any] = [None] * len(self._line_slot)
         with torch.no_grad():
             for n in self._nodes:
                 if n.kind == "input":
@@ -170,7 +209,7 @@ class Graph(CoModule):
                     frames[n.index] = self._static(n)
                 elif n.kind == "co":
                     st, out = n.co._init(batch, tuple(frames[n.source].shape[1:]), device, dtype)
-                    states[str(n.index)] = st
+                    states[self._co_slot[n.index]] = st
                     y = torch.zeros(batch, *out, device=device, dtype=dtype)
                     frames[n.index] = y if n.keep_axis is None else y.unsqueeze(n.keep_axis)
                 elif n.kind == "crop":
@@ -179,8 +218,8 @@ class Graph(CoModule):
                     frames[n.index] = self._apply_frame(n, lambda i: frames[i])
                     for i, length in n.lines:
                         z = torch.zeros_like(frames[i])
-                        lines[f"{n.index}.{i}"] = tuple(z for _ in range(length))
-        return {"co": states, "lines": lines}, tuple(frames[self._output].shape[1:])
+                        lines[self._line_slot[(n.index, i)]] = tuple(z for _ in range(length))
+        return {"co": tuple(states), "lines": tuple(lines)}, tuple(frames[self._output].shape[1:])
 
     # ------------------------------------------------------------------ evaluation helpers
     def _static(self, n: Node) -> Any:
@@ -226,60 +265,57 @@ class Graph(CoModule):
 
     # ------------------------------------------------------------------ one step
     def _step(self, x: Any, state: dict, age: Age, phase: int):
-        nodes = self._nodes
-        vals: list[Any] = [None] * len(nodes)
-        times: list[Any] = [None] * len(nodes)
-        co_states = dict(state["co"])
-        lines = dict(state["lines"])
+        vals: list[Any] = [None] * len(self._nodes)
+        times: list[Any] = [None] * len(self._nodes)
+        co_states = list(state["co"])
+        lines = list(state["lines"])
         a0 = None
-        for n in nodes:
-            kind = n.kind
-            if kind == "input":
-                vals[n.index] = x.view(x.shape[0]) if self._flat and x.dim() == 2 else x
-                times[n.index] = (age, phase)
-            elif kind == "static":
-                vals[n.index] = self._static(n)
-            elif kind == "co":
-                v = vals[n.source]
+        for op, i, a, b, c in self._plan:
+            if op == 0:  # co: a = source, b = (slot, step), c = keep_axis
+                v = vals[a]
                 if v is None:
                     continue
-                key = str(n.index)
-                a, p = times[n.source]
-                y, co_states[key], ya, yp = n.co._step(v, co_states[key], a, p)
+                slot, step = b
+                ta, tp = times[a]
+                y, co_states[slot], ya, yp = step(v, co_states[slot], ta, tp)
                 if y is not None:
-                    vals[n.index] = y if n.keep_axis is None else y.unsqueeze(n.keep_axis)
-                    times[n.index] = (ya, yp)
-            elif kind == "crop":
-                vals[n.index] = vals[n.source]
-                times[n.index] = times[n.source]
-            elif not n.lines:
-                if any(vals[i] is None for i in n.streams):
+                    vals[i] = y if c is None else y.unsqueeze(c)
+                    times[i] = (ya, yp)
+            elif op == 1:  # fn: a = first stream, b = streams, c = call(vals)
+                if vals[a] is None or (b and any(vals[j] is None for j in b)):
                     continue
-                vals[n.index] = self._apply_frame(n, vals.__getitem__)
-                times[n.index] = times[n.streams[0]] if n.streams else (age, phase)
-            else:
+                vals[i] = c(vals)
+                times[i] = times[a]
+            elif op == 2:  # input
+                vals[i] = x.view(x.shape[0]) if self._flat and x.dim() == 2 else x
+                times[i] = (age, phase)
+            elif op == 3:  # static
+                vals[i] = c(self)
+            elif op == 4:  # crop: the identity online
+                vals[i] = vals[a]
+                times[i] = times[a]
+            else:  # join with delay lines
                 if a0 is None:
                     a0 = self._ages(age, phase)
+                n = self._nodes[i]
                 g = n.geometry
-                due = count(g, a0 + 1) > count(g, a0)
+                done = count(g, a0)
+                due = count(g, a0 + 1) > done
                 picked: dict[int, Any] = {}
-                for i, length in n.lines:
-                    key = f"{n.index}.{i}"
-                    q = lines[key] if vals[i] is None else (*lines[key], vals[i])
-                    lag = count(nodes[i].geometry, a0) - count(g, a0)
+                for j, length, slot, gj in c:
+                    q = lines[slot] if vals[j] is None else (*lines[slot], vals[j])
                     if due:
-                        picked[i] = q[length - lag]
-                    lines[key] = q[len(q) - length:] if length else ()
+                        picked[j] = q[length - count(gj, a0) + done]
+                    lines[slot] = q[len(q) - length:] if length else ()
                 if not due:
                     continue
                 out_age, out_phase = advance(age, phase, g.delay, g.stride)
                 if isinstance(out_age, int) and out_age < 0:
                     continue
-                vals[n.index] = self._apply_frame(
-                    n, lambda i, p=picked: p[i] if i in p else vals[i])
-                times[n.index] = (out_age, out_phase)
+                vals[i] = self._apply_frame(n, lambda j, p=picked: p[j] if j in p else vals[j])
+                times[i] = (out_age, out_phase)
         y = vals[self._output]
-        new = {"co": co_states, "lines": lines}
+        new = {"co": tuple(co_states), "lines": tuple(lines)}
         if y is None:
             return None, new, None, 0
         return y, new, *times[self._output]
@@ -303,8 +339,8 @@ class Graph(CoModule):
         """Chunks through every node (``flush``: the end padding after the last frame)."""
         nodes = self._nodes
         vals: list[Any] = [None] * len(nodes)
-        co_states = dict(state["co"])
-        lines = dict(state["lines"])
+        co_states = list(state["co"])
+        lines = list(state["lines"])
         a0 = self._ages(age, phase)
         for n in nodes:
             kind = n.kind
@@ -329,7 +365,7 @@ class Graph(CoModule):
             else:
                 vals[n.index] = self._join_chunk(n, vals, lines, a0, t, flush)
         y = vals[self._output]
-        new = {"co": co_states, "lines": lines}
+        new = {"co": tuple(co_states), "lines": tuple(lines)}
         out = nodes[self._output]
         if y is None or _length(y, out) == 0:
             return None, new, None, 0
@@ -339,9 +375,9 @@ class Graph(CoModule):
             y = y.movedim(out.time_axis, 2)
         return y, new, *_next_index(age, phase, self._geom)
 
-    def _co_chunk(self, n: Node, v: Any, co_states: dict, age: Age, phase: int, t: int,
+    def _co_chunk(self, n: Node, v: Any, co_states: list, age: Age, phase: int, t: int,
                   flush: bool) -> Any:
-        key = str(n.index)
+        key = self._co_slot[n.index]
         src = self._nodes[n.source]
         a, p = (age, phase) if src.kind == "input" else _next_index(age, phase, src.geometry)
         parts = []
@@ -366,14 +402,14 @@ class Graph(CoModule):
                 else frames
         return y.movedim(2, n.time_axis) if n.time_axis != 2 else y
 
-    def _join_chunk(self, n: Node, vals: list, lines: dict, a0: int, t: int,
+    def _join_chunk(self, n: Node, vals: list, lines: list, a0: int, t: int,
                     flush: bool) -> Any:
         nodes = self._nodes
         g = n.geometry
         seqs: dict[int, list] = {}
         lags: dict[int, int] = {}
         for i, length in n.lines:
-            key = f"{n.index}.{i}"
+            key = self._line_slot[(n.index, i)]
             v = vals[i]
             frames = list(lines[key])
             if v is not None:
