@@ -21,6 +21,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -45,6 +47,14 @@ def _llama() -> Any:  # 8 query heads of size 8, 4 key/value heads: groups of 2 
                                         bos_token_id=None, pad_token_id=None))
 
 
+def _mistral() -> Any:  # 4 query heads of size 8, 2 key/value heads
+    return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=48,
+                                            sliding_window=None, eos_token_id=None,
+                                            bos_token_id=None, pad_token_id=None))
+
+
 def _qwen2() -> Any:
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2,
@@ -61,6 +71,8 @@ def _gpt2() -> Any:
 FAMILIES = {
     "llama": (_llama, 2, 8, PruningPlan([[1, 3], [2]], [list(range(0, 96, 3)), [5, 9, 70]],
                                          0.0, 0.0, 0.0)),
+    "mistral": (_mistral, 2, 8, PruningPlan([[0], [1]], [list(range(16)), [47]],
+                                             0.0, 0.0, 0.0)),
     "qwen2": (_qwen2, 2, 8, PruningPlan([[1], [0, 1]], [list(range(8, 24)), [0, 63]],
                                          0.0, 0.0, 0.0)),
     "gpt2": (_gpt2, 1, 8, PruningPlan([[0, 2, 3], [1]], [list(range(40)), [127, 3]],
@@ -140,7 +152,7 @@ def _unit_costs(name: str, config: Any) -> tuple[int, int]:
         d = e // config.n_head
         return 3 * (d * e + d) + d * e, 2 * e + 1
     g, d = config.num_attention_heads // config.num_key_value_heads, e // config.num_attention_heads
-    bias = g * d + 2 * d if name == "qwen2" else 0
+    bias = g * d + 2 * d if name == "qwen2" else 0  # Qwen2: q, k, v biases
     return 2 * g * d * e + 2 * d * e + bias, 3 * e
 
 
@@ -185,6 +197,7 @@ def test_parameter_and_mac_counts_follow_kept_widths(models: dict[str, Any], nam
 _RELOAD = """
 import sys, torch
 from costream.prune.hf import load_decoder
+torch.set_num_threads(1)  # as this test's process: same kernels, same summation order
 ids = torch.load(sys.argv[1])
 for path in sys.argv[3:]:
     model = load_decoder(path)

@@ -188,19 +188,37 @@ class PrunedLlamaConfig(LlamaConfig):
 
 
 class PrunedMistralConfig(MistralConfig):
-    """``MistralConfig`` plus ``kv_heads_per_layer`` and ``intermediate_per_layer``."""
+    """``MistralConfig`` plus ``kv_heads_per_layer`` and ``intermediate_per_layer``.
+
+    Example:
+        >>> from costream.prune.hf import PrunedMistralConfig
+        >>> PrunedMistralConfig(num_hidden_layers=1, intermediate_per_layer=[64]).model_type
+        'pruned_mistral'
+    """
 
     model_type = "pruned_mistral"
 
 
 class PrunedQwen2Config(Qwen2Config):
-    """``Qwen2Config`` plus ``kv_heads_per_layer`` and ``intermediate_per_layer``."""
+    """``Qwen2Config`` plus ``kv_heads_per_layer`` and ``intermediate_per_layer``.
+
+    Example:
+        >>> from costream.prune.hf import PrunedQwen2Config
+        >>> PrunedQwen2Config(num_hidden_layers=1, intermediate_per_layer=[64]).model_type
+        'pruned_qwen2'
+    """
 
     model_type = "pruned_qwen2"
 
 
 class PrunedGPT2Config(GPT2Config):
-    """``GPT2Config`` plus ``kv_heads_per_layer`` (= heads) and ``intermediate_per_layer``."""
+    """``GPT2Config`` plus ``kv_heads_per_layer`` (= heads) and ``intermediate_per_layer``.
+
+    Example:
+        >>> from costream.prune.hf import PrunedGPT2Config
+        >>> PrunedGPT2Config(n_layer=1, kv_heads_per_layer=[3]).model_type
+        'pruned_gpt2'
+    """
 
     model_type = "pruned_gpt2"
 
@@ -226,19 +244,45 @@ class PrunedLlamaForCausalLM(_PerLayerWidths, LlamaForCausalLM):
 
 
 class PrunedMistralForCausalLM(_PerLayerWidths, MistralForCausalLM):
-    """``MistralForCausalLM`` at the per-layer widths of a :class:`PrunedMistralConfig`."""
+    """``MistralForCausalLM`` at the per-layer widths of a :class:`PrunedMistralConfig`.
+
+    Example:
+        >>> from costream.prune.hf import PrunedMistralConfig, PrunedMistralForCausalLM
+        >>> cfg = PrunedMistralConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        ...     kv_heads_per_layer=[1], intermediate_per_layer=[16])
+        >>> PrunedMistralForCausalLM(cfg).model.layers[0].mlp.down_proj.in_features
+        16
+    """
 
     config_class = PrunedMistralConfig
 
 
 class PrunedQwen2ForCausalLM(_PerLayerWidths, Qwen2ForCausalLM):
-    """``Qwen2ForCausalLM`` at the per-layer widths of a :class:`PrunedQwen2Config`."""
+    """``Qwen2ForCausalLM`` at the per-layer widths of a :class:`PrunedQwen2Config`.
+
+    Example:
+        >>> from costream.prune.hf import PrunedQwen2Config, PrunedQwen2ForCausalLM
+        >>> cfg = PrunedQwen2Config(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        ...     kv_heads_per_layer=[1], intermediate_per_layer=[16])
+        >>> PrunedQwen2ForCausalLM(cfg).model.layers[0].self_attn.k_proj.out_features
+        8
+    """
 
     config_class = PrunedQwen2Config
 
 
 class PrunedGPT2LMHeadModel(_PerLayerWidths, GPT2LMHeadModel):
-    """``GPT2LMHeadModel`` at the per-layer widths of a :class:`PrunedGPT2Config`."""
+    """``GPT2LMHeadModel`` at the per-layer widths of a :class:`PrunedGPT2Config`.
+
+    Example:
+        >>> from costream.prune.hf import PrunedGPT2Config, PrunedGPT2LMHeadModel
+        >>> cfg = PrunedGPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4,
+        ...                        kv_heads_per_layer=[2], intermediate_per_layer=[40])
+        >>> PrunedGPT2LMHeadModel(cfg).transformer.h[0].attn.c_attn.weight.shape
+        torch.Size([32, 48])
+    """
 
     config_class = PrunedGPT2Config
 
