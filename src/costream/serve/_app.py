@@ -7,7 +7,6 @@ per-stream logs, the micro-batching queues. The replicas are Ray actors it start
 not through Serve's own request routing).
 """
 
-from __future__ import annotations
 
 import asyncio
 import uuid
