@@ -137,7 +137,8 @@ class Graph(CoModule):
         """Slots of the continual nodes and join lines in the state, and the step plan."""
         co_slot: dict[int, int] = {}
         line_slot: dict[tuple[int, int], int] = {}
-        plan = []
+        plan: list[tuple] = []
+        joins = []
         for n in self._nodes:
             i = n.index
             if n.kind == "co":
@@ -155,12 +156,27 @@ class Graph(CoModule):
                 for j, length in n.lines:
                     line_slot[(i, j)] = len(line_slot)
                     entries.append((j, length, line_slot[(i, j)], self._nodes[j].geometry))
-                plan.append((5, i, -1, None, tuple(entries)))
+                joins.append((i, tuple(entries), self._caller(n)))
             else:
                 rest = tuple(n.streams[1:])
                 plan.append((1, i, n.streams[0], rest, self._caller(n)))
-        self._co_slot, self._line_slot, self._plan = co_slot, line_slot, plan
+        self._co_slot, self._line_slot = co_slot, line_slot
         self._geom = self._nodes[self._output].geometry
+        s = self._geom.stride
+        self._horizon = max(n.geometry.delay for n in self._nodes) + 2 * s
+        for i, entries, call in joins:  # steady state: picks depend on the phase only
+            table = tuple(self._join_picks(i, entries, self._ages(None, p)) for p in range(s))
+            plan.append((5, i, -1, None, (entries, call, table)))
+        plan.sort(key=lambda e: e[1])
+        self._plan = plan
+
+    def _join_picks(self, i: int, entries: tuple, a0: int) -> tuple[bool, tuple[int, ...]]:
+        """Whether join ``i`` emits at input step ``a0``, and the position in each input's
+        line (followed by the new frame) of the frame it combines."""
+        g = self._nodes[i].geometry
+        done = count(g, a0)
+        due = count(g, a0 + 1) > done
+        return due, tuple(length - count(gj, a0) + done for _, length, _, gj in entries)
 
     def _caller(self, n: Node) -> Callable[[list], Any]:
         """``vals -> value`` of an ``fn`` node on frames, without generic argument mapping
@@ -260,8 +276,7 @@ class Graph(CoModule):
         if isinstance(age, int):
             return age
         s = self._geom.stride
-        horizon = max(n.geometry.delay for n in self._nodes) + 2 * s
-        return phase % s + s * (horizon // s + 1)
+        return phase % s + s * (self._horizon // s + 1)
 
     # ------------------------------------------------------------------ one step
     def _step(self, x: Any, state: dict, age: Age, phase: int):
@@ -269,7 +284,6 @@ class Graph(CoModule):
         times: list[Any] = [None] * len(self._nodes)
         co_states = list(state["co"])
         lines = list(state["lines"])
-        a0 = None
         for op, i, a, b, c in self._plan:
             if op == 0:  # co: a = source, b = (slot, step), c = keep_axis
                 v = vals[a]
@@ -294,25 +308,25 @@ class Graph(CoModule):
             elif op == 4:  # crop: the identity online
                 vals[i] = vals[a]
                 times[i] = times[a]
-            else:  # join with delay lines
-                if a0 is None:
-                    a0 = self._ages(age, phase)
-                n = self._nodes[i]
-                g = n.geometry
-                done = count(g, a0)
-                due = count(g, a0 + 1) > done
-                picked: dict[int, Any] = {}
-                for j, length, slot, gj in c:
+            else:  # join with delay lines: c = (entries, call, steady-state table)
+                entries, call, table = c
+                if isinstance(age, int):
+                    due, picks = self._join_picks(i, entries, age)
+                else:
+                    due, picks = table[phase % len(table)]
+                args = list(vals) if due else None
+                for (j, length, slot, _), pick in zip(entries, picks):
                     q = lines[slot] if vals[j] is None else (*lines[slot], vals[j])
                     if due:
-                        picked[j] = q[length - count(gj, a0) + done]
+                        args[j] = q[pick]
                     lines[slot] = q[len(q) - length:] if length else ()
                 if not due:
                     continue
+                g = self._nodes[i].geometry
                 out_age, out_phase = advance(age, phase, g.delay, g.stride)
                 if isinstance(out_age, int) and out_age < 0:
                     continue
-                vals[i] = self._apply_frame(n, lambda j, p=picked: p[j] if j in p else vals[j])
+                vals[i] = call(args)
                 times[i] = (out_age, out_phase)
         y = vals[self._output]
         new = {"co": tuple(co_states), "lines": tuple(lines)}
