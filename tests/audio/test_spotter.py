@@ -62,10 +62,15 @@ def test_load_rejects_other_files(tmp_path) -> None:
         load_spotter(tmp_path / "missing.pt")
 
 
-def test_detector_threshold_and_refractory() -> None:
+def test_detector_rising_edges_and_refractory() -> None:
     det = Detector(keywords=[0, 1], threshold=0.5, refractory=2)
-    seq = [[0.6, 0.1, 0.3], [0.7, 0.6, 0.0], [0.9, 0.0, 0.1], [0.9, 0.0, 0.1], [0.1, 0.1, 0.8]]
-    fired = [det.update(torch.tensor(p)) for p in seq]
-    # class 0 at hops 0 and 3 (hops 1-2 are within the refractory period), class 1 at hop 1;
-    # class 2 is not a keyword
-    assert fired == [[0], [1], [], [0], []]
+    seq = [[0.6, 0.1], [0.7, 0.6], [0.9, 0.0], [0.9, 0.0], [0.1, 0.0], [0.8, 0.0],
+           [0.1, 0.7], [0.1, 0.1], [0.9, 0.0], [0.1, 0.1], [0.1, 0.8]]
+    fired = [det.update(torch.tensor([*p, 0.0])) for p in seq]
+    # class 0: hop 0; hops 1-3 stay above the threshold (no new edge); hops 5 and 8 are new
+    # edges more than 2 hops after the previous detection. Class 1: hops 1, 6 and 10.
+    # Class 2 is not a keyword.
+    assert fired == [[0], [1], [], [], [], [0], [1], [], [0], [], [1]]
+    det = Detector(keywords=[0], threshold=0.5, refractory=3)
+    fired = [det.update(torch.tensor([p])) for p in (0.9, 0.1, 0.9, 0.1, 0.1, 0.9)]
+    assert fired == [[0], [], [], [], [], [0]]  # the edge at hop 2 is within the refractory

@@ -158,10 +158,10 @@ def load_spotter(path: str | Path) -> dict[str, Any]:
 
 
 class Detector:
-    """Turns per-hop class posteriors into keyword detections (threshold + refractory period).
+    """Turns per-hop class posteriors into keyword detections.
 
-    A keyword is detected when its posterior reaches ``threshold``; the same keyword is not
-    detected again within ``refractory`` hops.
+    A keyword is detected when its posterior reaches ``threshold`` after having been below it
+    (a rising edge), and not within ``refractory`` hops of its previous detection.
 
     Example:
         >>> import torch
@@ -175,14 +175,18 @@ class Detector:
         self.keywords = list(keywords)
         self.threshold, self.refractory = float(threshold), int(refractory)
         self.last = {k: -10 ** 9 for k in self.keywords}
+        self.armed = {k: True for k in self.keywords}
         self.t = 0
 
     def update(self, probs: Tensor) -> list[int]:
         """Posteriors of one hop ``(n_classes,)``; returns the keywords detected at this hop."""
         fired = []
         for k in self.keywords:
-            if float(probs[k]) >= self.threshold and self.t - self.last[k] > self.refractory:
+            if float(probs[k]) < self.threshold:
+                self.armed[k] = True
+            elif self.armed[k] and self.t - self.last[k] > self.refractory:
                 fired.append(k)
                 self.last[k] = self.t
+                self.armed[k] = False
         self.t += 1
         return fired
