@@ -244,3 +244,19 @@ def test_bad_input_gets_a_clear_error(models: dict[str, Any]) -> None:
         score_decoder(llama, "taylor", [{"input_ids": torch.randint(0, VOCAB, (40, 1))}])
     with pytest.raises(ValueError, match="criterion"):
         score_decoder(llama, "fluctuation")
+
+
+def test_pruning_a_pruned_model_again(models: dict[str, Any]) -> None:
+    model = models["llama"]
+    first = PruningPlan([[0, 1, 3], [0, 2]], [list(range(64)), list(range(8, 96))], 0, 0, 0)
+    again = PruningPlan([[0, 2], [1]], [list(range(0, 64, 2)), list(range(40))], 0, 0, 0)
+    twice = apply_decoder_plan(apply_decoder_plan(model, first), again)
+    # the second plan indexes what the first kept: groups [0, 3] and [2] of the original
+    once = PruningPlan([[0, 3], [2]], [list(range(0, 64, 2)), list(range(8, 48))], 0, 0, 0)
+    assert twice.config.kv_heads_per_layer == [2, 1]
+    assert twice.config.intermediate_per_layer == [32, 40]
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(twice(input_ids=ids).logits,
+                                   _masked(model, "llama", once)(input_ids=ids).logits,
+                                   rtol=0, atol=1e-10)
