@@ -105,10 +105,13 @@ def test_time_mixing_module_without_handler_raises_with_path() -> None:
         ("stem", nn.Conv1d(2, 4, 3)),
         ("body", nn.Sequential(nn.ReLU(), _CumSum())),
     ]))
-    with pytest.raises(TypeError, match=r"cannot make _CumSum \('body\.1'\) continual"):
+    with pytest.raises(cs.NotStreamableError) as info:
         cs.continual(model)
-    with pytest.raises(TypeError, match=r"cannot make _CumSum \(the model itself\)"):
-        cs.continual(_CumSum())
+    (blocker,) = info.value.blockers
+    assert (blocker.path, blocker.op) == ("body.1", "Tensor.cumsum")
+    assert blocker.line.startswith(__file__) and "mixes time steps" in blocker.reason
+    with pytest.raises(cs.NotStreamableError, match=r"the model itself: Tensor\.cumsum"):
+        cs.continual(_CumSum(), example=torch.randn(1, 2, 6))
 
 
 def test_container_child_without_handler_is_named() -> None:
@@ -129,10 +132,15 @@ class _Block(nn.Module):
         return self.act(x + self.conv(x))
 
 
-def test_custom_module_with_children_needs_a_handler() -> None:
-    model = nn.Sequential(nn.Conv1d(2, 4, 1), _Block(4))
-    with pytest.raises(TypeError, match=r"_Block \('1'\).*register_handler"):
-        cs.continual(model)
+def test_custom_module_with_children_is_traced() -> None:
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), _Block(4)).to(D)
+    co = cs.continual(model)
+    assert isinstance(co, cs.Graph) and co.delay == 1
+    assert list(co.state_dict()) == list(model.state_dict())
+    assert_streaming_equivalent(co, torch.randn(2, 2, 10, dtype=D), model)
+    # a container built directly cannot trace its child: the error says what to do
+    with pytest.raises(TypeError, match=r"_Block \('0'\).*example=.*register_handler"):
+        cs.Sequential(_Block(4))
 
 
 def test_register_handler(registries) -> None:
@@ -145,7 +153,7 @@ def test_register_handler(registries) -> None:
     assert cs.register_handler(_Block, handler) is handler
     model = nn.Sequential(nn.Conv1d(2, 4, 1), _Block(4)).to(D)
     co = cs.continual(model, temporal_window=3)
-    assert calls == [{"temporal_window": 3}]
+    assert calls == [{"temporal_window": 3, "attention": "exact"}]
     assert co.get_submodule("1.0.0").weight is model[1].conv.weight
     x = torch.randn(2, 2, 10, dtype=D)
     assert_streaming_equivalent(co, x, model)
@@ -178,7 +186,10 @@ class _Square(nn.Module):
 def test_register_pointwise(registries) -> None:
     model = nn.Sequential(nn.Conv1d(2, 3, 3), _Square()).to(D)
     with pytest.raises(TypeError, match=r"register_pointwise\(_Square\)"):
-        cs.continual(model)
+        cs.Sequential(cs.Conv1d(2, 3, 3), _Square())  # a container cannot trace its child
+    traced = cs.continual(model)  # the model can: x * x acts on each frame
+    assert isinstance(traced, cs.Graph)
+    assert_streaming_equivalent(traced, torch.randn(2, 2, 8, dtype=D), model)
     assert cs.register_pointwise(_Square) is _Square
     co = cs.continual(model)
     assert co[1] is model[1]

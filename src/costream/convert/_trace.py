@@ -45,7 +45,7 @@ _ADAPTIVE = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
              nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _REDUCTIONS = {"mean": "mean", "sum": "sum", "amax": "amax", "amin": "amin", "nanmean": None}
 _PRODUCTS = {"matmul", "bmm", "einsum", "baddbmm", "scaled_dot_product_attention", "softmax",
-             "log_softmax", "mm", "cumsum", "cumprod", "flip", "roll", "sort", "cummax"}
+             "log_softmax", "mm"}
 _FAST_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add,
                    torch.mul, torch.sub, torch.relu, torch.tanh, torch.sigmoid, F.relu,
                    torch.sin, torch.exp, F.gelu, F.silu, F.elu, F.leaky_relu, torch.neg,
