@@ -62,7 +62,8 @@ def make_models(layers: int, seed: int = 0) -> tuple[nn.Module, nn.Module, nn.Mo
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.0, batch_first=True)
     model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
-    co_net = costream.continual(model, temporal_window=N).eval()
+    # running sums: the update of the paper and of the anchor (the exact default recomputes)
+    co_net = costream.continual(model, temporal_window=N, attention="running").eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         factory = continual.TransformerEncoderLayerFactory(

@@ -92,7 +92,9 @@ def _transformer_net(window: int, source: nn.Module | None = None) -> tuple[nn.M
     if source is None:
         layer = nn.TransformerEncoderLayer(512, 8, 1024, dropout=0.0, batch_first=True)
         source = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    return continual(source, temporal_window=window).eval(), window
+    # the paper's running-sum attention update (as the anchor and the committed results);
+    # the exact default executes 3.3 % more MACs per step on this workload
+    return continual(source, temporal_window=window, attention="running").eval(), window
 
 
 def _transformer() -> Workload:
