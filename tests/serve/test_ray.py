@@ -25,7 +25,7 @@ serve = pytest.importorskip("ray.serve")
 websockets_sync = pytest.importorskip("websockets.sync.client")
 
 from costream.serve import ServeConfig, StreamClient, build_app  # noqa: E402
-from costream.serve._app import NAMESPACE  # noqa: E402
+from costream.serve._app import NAMESPACE, init_ray  # noqa: E402
 
 
 def _free_port() -> int:
@@ -37,8 +37,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def cluster():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    init_ray(num_cpus=2)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handles = {}
@@ -193,3 +192,12 @@ def test_bad_input_gets_4xx_and_the_stream_goes_on(cluster):
     with pytest.raises(ValueError, match="expected \\(3,\\)"):
         cam.send(torch.zeros(2))
     cam.close()
+
+
+def test_load_generator_reports_rate_latency_and_streams_held(cluster):
+    from costream.serve._cli import bench
+
+    report = bench(cluster["handles"]["strided"], streams=8, seconds=1.5, progress=False)
+    assert report["frames"] > 8 and report["frames_per_s"] == report["frames"] / 1.5
+    assert 0 < report["p50_ms"] <= report["p99_ms"]
+    assert sum(report["held"]["replicas"].values()) >= 8  # held while the load ran

@@ -112,3 +112,17 @@ def test_import_costream_does_not_import_ray():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_serve_command_line_builds_the_config():
+    import argparse
+
+    from costream.serve._cli import add_arguments, config_from
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["tcn", "--replicas", "3", "--frame-shape", "4,5",
+                         "--snapshot-every", "0.5", "--batch-window-ms", "2"])
+    config = config_from(args)
+    assert (config.model, config.replicas, config.frame_shape) == ("tcn", 3, (4, 5))
+    assert (config.snapshot_every_s, config.batch_window_ms) == (0.5, 2.0)

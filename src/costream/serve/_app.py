@@ -45,6 +45,11 @@ class ServeConfig:
         replica_cpus: CPUs Ray reserves per replica; threads: torch threads per replica.
         capped_log: keep only the frames a fresh state needs (finite receptive field).
         respawn: start a new replica when one dies.
+
+    Example:
+        >>> from costream.serve import ServeConfig
+        >>> ServeConfig("tcn", replicas=4, batch_window_ms=2).replicas
+        4
     """
 
     model: Any
@@ -209,19 +214,41 @@ def build_app(config: ServeConfig) -> Any:
     return StreamIngress.bind(config)
 
 
-def run_app(config: ServeConfig, *, port: int = 8000, host: str = "127.0.0.1",
-            address: str | None = None, name: str = "costream", num_cpus: int | None = None,
-            route_prefix: str = "/") -> Any:
-    """Start (or join, with ``address``) Ray, deploy the app and wait for its replicas; return
-    its handle."""
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             attempts: int = 3) -> None:
+    """Start a local Ray instance (no dashboard, no usage stats) or join ``address``; retry
+    where a loaded machine makes the node miss Ray's fixed 30 s start-up wait."""
     import os
 
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for attempt in range(attempts):
+        try:
+            ray.init(address=address, num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            return
+        except Exception as err:  # Ray raises a bare Exception for the start-up timeout
+            ray.shutdown()
+            if "timed out during startup" not in str(err) or attempt == attempts - 1:
+                raise
+
+
+def run_app(config: ServeConfig, *, port: int = 8000, host: str = "127.0.0.1",
+            address: str | None = None, name: str = "costream", num_cpus: int | None = None,
+            route_prefix: str = "/") -> Any:
+    """Start (or join, with ``address``) Ray, deploy the app and wait for its replicas; return
+    its handle.
+
+    Example (starts Ray, so not run here)::
+
+        handle = run_app(ServeConfig("tcn", replicas=2), port=8000)
+        key = handle.open.remote().result()
+    """
+    import ray
+
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False,
-                 log_to_driver=False)
+        init_ray(address, num_cpus)
     serve.start(http_options={"host": host, "port": port})
     handle = serve.run(build_app(config), name=name, route_prefix=route_prefix)
     handle.ready.remote().result()

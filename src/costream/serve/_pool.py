@@ -14,7 +14,13 @@ from ._worker import StreamWorker
 
 
 class ReplicaDied(RuntimeError):
-    """The replica's process is gone (killed, crashed, or drained and stopped)."""
+    """The replica's process is gone (killed, crashed, or drained and stopped).
+
+    Example:
+        >>> from costream.serve import ReplicaDied
+        >>> issubclass(ReplicaDied, RuntimeError)
+        True
+    """
 
 
 class LocalPool:
@@ -22,6 +28,18 @@ class LocalPool:
 
     Args:
         **worker_args: passed to :class:`StreamWorker` (``module``, ``capacity``, ...).
+
+    Example:
+        >>> import asyncio, torch, costream as cs
+        >>> from costream.serve import LocalPool, ReplicaDied
+        >>> pool = LocalPool(module=cs.Conv1d(2, 3, 2), capacity=2, frame_shape=(2,))
+        >>> replica = asyncio.run(pool.spawn())
+        >>> pool.kill(replica)
+        >>> try:
+        ...     asyncio.run(pool.call(replica, "counts"))
+        ... except ReplicaDied as err:
+        ...     print(err)
+        replica 0 is dead
     """
 
     def __init__(self, **worker_args: Any) -> None:
@@ -60,6 +78,11 @@ class RayPool:
             (``ray.get_actor`` finds it); not named without a namespace.
         **worker_args: passed to :class:`StreamWorker`; the module travels once through the
             object store.
+
+    Example (needs a running Ray instance)::
+
+        pool = RayPool(num_cpus=1, module=net, capacity=64, frame_shape=(256,))
+        router = StreamRouter(pool, replicas=2)   # replicas start with ``await router.start()``
     """
 
     def __init__(self, num_cpus: float = 1.0, *, name: str = "replica",

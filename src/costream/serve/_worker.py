@@ -29,7 +29,17 @@ Op = tuple  # ("open", key) | ("frame", key, tensor) | ("reset", key) | ("close"
 @dataclass
 class Snapshot:
     """A replica's streams at one moment: the engine checkpoint (``data``: the file's bytes,
-    or ``path`` when written to a directory) and, per stream, its slot and event count."""
+    or ``path`` when written to a directory) and, per stream, its slot and event count.
+
+    Example:
+        >>> import torch, costream as cs
+        >>> from costream.serve import StreamWorker
+        >>> w = StreamWorker(cs.Conv1d(2, 3, 2), capacity=2, frame_shape=(2,))
+        >>> _ = w.apply([("open", "a"), ("frame", "a", torch.ones(2))])
+        >>> snap = w.snapshot()
+        >>> snap.streams, snap.read()[:16]
+        ({'a': (0, 1)}, b'COSTREAM-STREAMS')
+    """
 
     streams: dict[str, tuple[int, int]]
     data: bytes | None = None
