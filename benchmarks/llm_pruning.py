@@ -17,6 +17,8 @@ Methods (global ranking over the layers in every case):
   disjoint sets of calibration windows, keep the one whose pruned model has the lowest
   next-token KL divergence to the original on reference windows); ``nirvana+KL`` is NIRVANA as
   published;
+* ``fluctuation``: FLAP's input-variance criterion (no bias compensation), ``gamma = 3``, first
+  candidate set;
 * ``... +heal``: ``magnitude g3``, ``taylor+KL`` and ``nirvana+KL`` healed with rank-8 LoRA
   distilling the original's next-token distributions on other calibration windows, merged.
 
@@ -73,6 +75,7 @@ METHODS = {
     "taylor+KL": ("taylor", 3.0, True),
     "nirvana": ("nirvana", 3.0, False),
     "nirvana+KL": ("nirvana", 3.0, True),
+    "fluctuation": ("fluctuation", 3.0, False),
 }
 HEALED = ("magnitude g3", "taylor+KL", "nirvana+KL")
 TIMED = ("magnitude", "nirvana+KL")

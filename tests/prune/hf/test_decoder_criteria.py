@@ -112,3 +112,22 @@ def test_lora_healing_brings_the_pruned_model_closer(llama: Any, family: str) ->
     assert not any(parametrize.is_parametrized(m) for m in healed.modules())
     assert all(p.requires_grad for p in healed.parameters())
     assert next_token_kl(model, healed, text) < 0.8 * before
+
+
+def test_fluctuation_scores_match_flap(llama: Any) -> None:
+    batch = _text(4, 10)[0]
+    inputs: dict[str, torch.Tensor] = {}
+    layer = llama.model.layers[0]
+    hooks = [m.register_forward_hook(lambda mod, args, out, key=key: inputs.__setitem__(
+        key, args[0].reshape(-1, args[0].shape[-1]))) for key, m in
+        (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj))]
+    with torch.no_grad():
+        llama(input_ids=batch["input_ids"])
+    for h in hooks:
+        h.remove()
+    scores = score_decoder(llama, "fluctuation", [batch])
+    o_cols = inputs["o"].var(0, unbiased=False) * layer.self_attn.o_proj.weight.square().sum(0)
+    down = inputs["down"].var(0, unbiased=False) * layer.mlp.down_proj.weight.square().sum(0)
+    # group 0 = query heads 0 and 1 = o_proj input channels 0..15
+    torch.testing.assert_close(scores.heads[0][0], o_cols[:16].sum().detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(scores.neurons[0], down.detach(), rtol=1e-9, atol=0)

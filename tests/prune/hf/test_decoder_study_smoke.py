@@ -23,7 +23,7 @@ def test_llm_pruning_quick(tmp_path: Any) -> None:
     assert train["heldout_perplexity"] < train["unigram_perplexity"]
     methods = {r["method"] for r in report["rows"]}
     assert methods == {"magnitude", "magnitude g3", "taylor", "taylor+KL", "nirvana",
-                       "nirvana+KL", "magnitude g3 +heal", "taylor+KL +heal",
+                       "nirvana+KL", "fluctuation", "magnitude g3 +heal", "taylor+KL +heal",
                        "nirvana+KL +heal"}
     for row in report["rows"]:
         assert row["removed"] >= 0.3 and row["decoder_params"] < report["decoder_params"]

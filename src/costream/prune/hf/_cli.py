@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``prune-llm`` subcommand's arguments to ``parser``."""
     parser.add_argument("model_dir", type=Path, help="saved causal LM directory")
     parser.add_argument("--out", type=Path, required=True, help="directory for the pruned model")
-    parser.add_argument("--criterion", choices=("magnitude", "taylor", "nirvana"),
+    parser.add_argument("--criterion", choices=("magnitude", "taylor", "nirvana", "fluctuation"),
                         default="nirvana", help="importance criterion (default nirvana)")
     parser.add_argument("--sparsity", type=float, default=0.3,
                         help="fraction of attention+MLP parameters to remove (default 0.3)")

@@ -12,7 +12,9 @@ saliencies of those weights summed per unit (biases are not scored):
 * ``taylor``: ``|w * g|``, ``g`` the gradient of the next-token cross-entropy summed over the
   calibration batches (first-order Taylor, as LLM-Pruner);
 * ``nirvana``: ``|w * df/dw|``, ``f`` the mean over the tokens the attention mask keeps of the
-  largest logit (NIRVANA's output objective, Ai et al., arXiv 2509.14230).
+  largest logit (NIRVANA's output objective, Ai et al., arXiv 2509.14230);
+* ``fluctuation``: FLAP's ``Var(x_j) ||W[:, j]||^2`` of the output projections' input channels
+  (:mod:`costream.prune.hf._decoder_flap`; no bias compensation).
 
 Gradients are taken in eval mode with ``torch.autograd.grad``. :func:`allocate_decoder` ranks
 groups and neurons globally with the attention/MLP ratio ``gamma`` (the search of
@@ -40,6 +42,7 @@ from ._allocate import (
     plan_from_widths,
     search_widths,
 )
+from ._decoder_flap import fluctuation_saliency
 from ._decoder_models import (
     Part,
     attention_parts,
@@ -54,6 +57,7 @@ from ._model import check_batch
 from ._scores import CRITERIA, Scores, _gradients
 
 MIN_CALIBRATION_TOKENS = 32
+DECODER_CRITERIA = (*CRITERIA, "fluctuation")
 
 
 def _oriented(module: nn.Module) -> Tensor:
@@ -163,7 +167,8 @@ def score_decoder(model: PreTrainedModel, criterion: str,
 
     Args:
         model: a supported causal LM (Llama, Mistral, Qwen2, GPT-2; pruned or not).
-        criterion: ``"magnitude"``, ``"taylor"`` or ``"nirvana"`` (module docstring).
+        criterion: ``"magnitude"``, ``"taylor"``, ``"nirvana"`` or ``"fluctuation"`` (module
+            docstring).
         batches: tokenized calibration batches (``input_ids``, optional ``attention_mask``;
             not needed for ``magnitude``).
         min_tokens: fewer calibration tokens than this is an error.
@@ -180,11 +185,19 @@ def score_decoder(model: PreTrainedModel, criterion: str,
         ([2, 2], [64, 64])
     """
     check_decoder(model)
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose from {list(CRITERIA)}")
+    if criterion not in DECODER_CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose from "
+                         f"{list(DECODER_CRITERIA)}")
     modules = _modules(model)
     if criterion == "magnitude":
         saliency = {id(m): _oriented(m).detach().abs() for m in modules}
+    elif criterion == "fluctuation":
+        if batches is None:
+            raise ValueError("criterion 'fluctuation' needs calibration batches")
+        batches = list(batches)
+        _check_tokens(batches, min_tokens)
+        saliency = fluctuation_saliency(model, modules, {id(m): _oriented(m) for m in modules},
+                                        batches)
     else:
         if batches is None:
             raise ValueError(f"criterion {criterion!r} needs calibration batches")
