@@ -17,6 +17,8 @@ def test_readme_python_blocks_run():
     exec(compile(blocks[0], str(README), "exec"), namespace)  # the quick start asserts itself
     assert namespace["net"].receptive_field == 9
     assert namespace["net"].delay == 5
+    exec(compile(blocks[1], str(README), "exec"), namespace)  # a custom forward, traced
+    assert isinstance(namespace["net"], namespace["cs"].Graph)
 
 
 def test_readme_starts_with_the_two_setup_commands():

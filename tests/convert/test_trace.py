@@ -385,3 +385,14 @@ def test_pruning_sees_the_source_parameters():
     model = WaveNet().eval()
     net = cs.continual(model, example=torch.randn(1, 1, 16))
     assert {id(p) for p in net.parameters()} == {id(p) for p in model.parameters()}
+
+
+def test_converting_guide_example_runs():
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "converting.md"
+    block = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)[0]
+    namespace: dict = {}
+    exec(compile(block, str(page), "exec"), namespace)
+    assert namespace["net"].delay == 0
