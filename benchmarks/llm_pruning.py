@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               f"{row['perplexity']:.2f}")
         for method in HEALED:
             healed = heal_decoder(pruned_models[method], model, data["heal"], rank=8,
-                                  epochs=args.heal_epochs, lr=1e-3)
+                                  epochs=args.heal_epochs, lr=args.heal_lr)
             base = next(r for r in rows if r["sparsity"] == sparsity and r["method"] == method)
             rows.append({**base, "method": f"{method} +heal",
                          "perplexity": perplexity(healed, data["eval"])})
@@ -198,10 +198,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(args, start, f"{100 * sparsity:.0f} % {method}: "
                               f"{t['pruned_ms_per_token']:.2f} vs "
                               f"{t['original_ms_per_token']:.2f} ms/token")
-    return {"train": train_info, "model_dir": str(path),
+    return {"train": train_info, "model_dir": str(path), "context": cfg.context,
             "params": sum(p.numel() for p in model.parameters()),
             "decoder_params": decoder_parameters(model), "perplexity": base_ppl,
             "eval_tokens": sum(b["input_ids"].numel() for b in data["eval"]),
+            "settings": {k: getattr(args, k) for k in (
+                "candidates", "windows", "heal_windows", "heal_epochs", "heal_lr",
+                "eval_windows", "new_tokens", "repeats", "seed")},
             "rows": rows, "latency": timings, "seconds": time.perf_counter() - start}
 
 
@@ -217,7 +220,7 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_markdown(report: dict[str, Any]) -> str:
-    tr = report["train"]
+    tr, st = report["train"], report["settings"]
     lines = [
         "# Decoder-LLM pruning study (tiny Llama trained on the stdlib sources)", "",
         f"Command: `{report['command']}` ({report['seconds']:.0f} s, {report['threads']} "
@@ -229,6 +232,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{tr['tokens']['train']:,} training tokens). Held-out perplexity "
         f"{report['perplexity']:.2f} on {report['eval_tokens']:,} tokens; unigram baseline "
         f"{tr['unigram_perplexity']:.1f}.", "",
+        f"Calibration: {st['candidates']} candidate sets of {st['windows']} windows of "
+        f"{report['context']} tokens"
+        f" (plus {st['windows']} reference windows for the KL selection); healing: rank-8 LoRA,"
+        f" {st['heal_epochs']} epochs over {st['heal_windows']} other calibration windows, Adam "
+        f"lr {st['heal_lr']:g}. Held-out windows: {st['eval_windows']}.", "",
         "| removed | method | attn+MLP removed | KV heads per layer | MLP neurons per layer "
         "| held-out perplexity | x unpruned |", "|---:|---|---:|---|---|---:|---:|"]
     for r in report["rows"]:
@@ -287,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--candidates", type=int, default=3, help="candidate calibration sets")
     p.add_argument("--windows", type=int, default=8, help="windows per calibration set")
-    p.add_argument("--heal-windows", type=int, default=32)
+    p.add_argument("--heal-windows", type=int, default=40)
+    p.add_argument("--heal-lr", type=float, default=3e-3)
     p.add_argument("--heal-epochs", type=int, default=2)
     p.add_argument("--eval-windows", type=int, default=48)
     p.add_argument("--new-tokens", type=int, default=48)
