@@ -13,7 +13,7 @@ from torch import nn
 import costream as cs
 from costream.core import tree_leaves, tree_map, tree_where
 from costream.runtime import compile_step
-from models._inputs import offline_zoo_models, small_zoo_model, streamable_zoo_architectures
+from models._inputs import offline_zoo_models, small_zoo_model, streamable_zoo_layer_sets
 
 D = torch.float64
 LIMIT_S = 240
@@ -186,18 +186,19 @@ def test_compile_step_refuses_what_it_cannot_step() -> None:
             compile_step(small_zoo_model(offline[0])[0])
 
 
-ZOO = streamable_zoo_architectures()
+ZOO = streamable_zoo_layer_sets()
 #: Zoo models also compiled with inductor (the rest run dynamo's graph only).
 INDUCTOR = {"coslow_r50", "cooadtr_b2"}
 
 
 @pytest.mark.parametrize("name", list(ZOO), ids=["=".join(ZOO[n]) for n in ZOO])
 def test_compiled_zoo_step_matches_eager_stepping(name: str, one_thread: None) -> None:
-    """Every streamable zoo model's stride step compiles as one graph (``fullgraph=True``) and
-    equals eager stepping (float32). Tracing a zoo model takes seconds, inductor's code
-    generation up to a minute: the graph runs on dynamo's ``eager`` backend, and the models
-    in ``INDUCTOR`` also through inductor. Names sharing an architecture at the test size
-    (test id ``a=b``) are compiled once."""
+    """Every kind of streamable zoo model's stride step compiles as one graph
+    (``fullgraph=True``) and equals eager stepping (float32). Tracing a zoo model takes
+    seconds, inductor's code generation up to a minute: the graph runs on dynamo's ``eager``
+    backend, and the models in ``INDUCTOR`` also through inductor. Names built from the same
+    layers at the test size (test id ``a=b``: one architecture, or a deeper stack of the same
+    blocks such as X3D-L's) are compiled once, on the shallowest."""
     net, frame_shape = small_zoo_model(name)
     backends = ["eager", "inductor"] if name in INDUCTOR else ["eager"]
     for backend in backends:

@@ -85,6 +85,22 @@ def streamable_zoo_architectures() -> dict[str, list[str]]:
     return {names[0]: names for names in groups.values()}
 
 
+def streamable_zoo_layer_sets() -> dict[str, list[str]]:
+    """Streamable registered models grouped by the set of distinct layers they are built from
+    (every submodule's type and configuration, however often it repeats): ``{representative:
+    names}``, the representative being the member with the fewest modules.
+
+    Coarser than :func:`streamable_zoo_architectures`: a model that stacks more of the same
+    blocks (X3D-L at the test size repeats X3D-M's blocks) joins the shallower model's group.
+    Tests that cost seconds per model and check what each kind of layer does (export,
+    compilation) run once per group, on its representative.
+    """
+    groups: dict[frozenset, list[str]] = {}
+    for name in streamable_zoo_models():
+        groups.setdefault(_info(name)[2], []).append(name)
+    return {min(names, key=lambda n: _info(n)[3]): names for names in groups.values()}
+
+
 def streamable_zoo_models() -> list[str]:
     """Registered models that can be stepped (offline-only models are excluded)."""
     return [n for n in list_models() if _streamable(n)]
@@ -100,6 +116,9 @@ def _streamable(name: str) -> bool:
 
 
 @functools.cache
-def _info(name: str) -> tuple[bool, tuple]:
+def _info(name: str) -> tuple[bool, tuple, frozenset, int]:
     model = small_zoo_model(name)[0]
-    return bool(getattr(model, "streamable", True)), architecture(model)
+    layers = frozenset((type(model).__qualname__, *((type(m).__qualname__, m.extra_repr())
+                                                    for n, m in model.named_modules() if n)))
+    return (bool(getattr(model, "streamable", True)), architecture(model), layers,
+            len(list(model.modules())))
