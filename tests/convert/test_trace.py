@@ -346,10 +346,8 @@ def test_source_checkpoint_loads_into_the_converted_model():
                                atol=1e-6)
 
 
-def test_stream_engine_onnx_and_compile():
-    pytest.importorskip("onnxruntime")
-    from costream.export import OnnxStreamRunner, export_onnx
-    from costream.runtime import StreamEngine, compile_step
+def test_compiled_step_has_no_graph_break():
+    from costream.runtime import compile_step
 
     torch.manual_seed(0)
     model = TCN(weight_norm_new).eval()
@@ -357,22 +355,7 @@ def test_stream_engine_onnx_and_compile():
     net = cs.continual(model, example=clip)
     with torch.no_grad():
         ref = model(clip)
-        engine = StreamEngine(net, capacity=2, frame_shape=(3,))
-        a, b = engine.open(), engine.open()
-        outs = [engine.step({a: clip[0, :, t], b: clip[1, :, t]}) for t in range(24)]
-    got = torch.stack([torch.stack([o[a], o[b]]) for o in outs], 2)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tcn.onnx"
-        export_onnx(net, path, (3,), batch_size=2)
-        onnx_out = OnnxStreamRunner(path).run(clip.numpy())
-    np.testing.assert_allclose(np.stack(onnx_out, 2), ref.numpy(), rtol=1e-4, atol=1e-4)
-
-    step = compile_step(net, backend="eager")  # fullgraph: no graph break in the step
+    step = compile_step(net, backend="eager")  # fullgraph=True: a graph break raises
     state = net.init_state(2, (3,))
     with torch.no_grad():
         for t in range(24):
@@ -396,3 +379,83 @@ def test_converting_guide_example_runs():
     namespace: dict = {}
     exec(compile(block, str(page), "exec"), namespace)
     assert namespace["net"].delay == 0
+
+
+def test_conversion_changes_nothing_in_the_source_model():
+    """Propagating the example runs the model: batch statistics and modes stay as they were."""
+    model = DownBlock()
+    model.train()
+    model.bn.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    net = cs.continual(model, example=torch.randn(2, 3, 6, 4, 4))
+    assert model.training and not model.bn.training and model.a.training
+    assert net.training and not net.bn.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _wav2vec2_layer_norm():
+    from transformers import Wav2Vec2Config
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncoder
+
+    cfg = Wav2Vec2Config(feat_extract_norm="layer", conv_dim=(6, 6), conv_kernel=(10, 3),
+                         conv_stride=(5, 2), conv_bias=True)
+    return Wav2Vec2FeatureEncoder(cfg)
+
+
+# model, example clip (float32), conversion options, whether the ONNX export is checked too
+STREAMED = {
+    "tcn": (lambda: TCN(weight_norm), (2, 3, 24), {}, True),
+    "wavenet": (WaveNet, (2, 1, 24), {}, False),
+    "unpadded wavenet": (UnpaddedWaveNet, (2, 5, 20), {}, False),
+    "3d residual": (DownBlock, (2, 3, 8, 6, 6), {}, True),
+    "ds-cnn": (DSCNN, (2, 1, 10, 30), {"time_dim": 3, "temporal_window": 4}, True),
+    "wav2vec2": (_wav2vec2_layer_norm, (2, 200), {"time_dim": 1}, True),
+    "r2plus1d": (lambda: _ptv_stages("r2plus1d.create_r2plus1d"), (2, 3, 8, 16, 16), {}, False),
+}
+
+
+def _ptv_stages(builder: str) -> nn.Module:
+    model = _ptv(builder)(input_channel=3, model_depth=50, model_num_class=4, stem_dim_out=4)
+    model.blocks = model.blocks[:2]
+    return model
+
+
+@pytest.mark.parametrize("name", list(STREAMED))
+def test_stream_engine_and_onnxruntime_match_stepping(name, tmp_path):
+    """float32: StreamEngine (two streams) and the exported step equal forward_step at 1e-4."""
+    if name == "wav2vec2":
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    factory, shape, options, check_onnx = STREAMED[name]
+    model = _randomize(factory())
+    x = torch.randn(*shape)
+    net = cs.continual(model, example=x, **options).eval()
+    td = net.time_dim
+    frames = x.movedim(td, 0)  # (T, B, ...)
+    with torch.no_grad():
+        net.reset_state()
+        ref = [net.forward_step(f) for f in frames]
+        frame_shape = tuple(frames.shape[2:]) or (1,)
+        from costream.runtime import StreamEngine
+
+        engine = StreamEngine(net, capacity=2, frame_shape=frame_shape)
+        ids = [engine.open(), engine.open()]
+        for f, y in zip(frames, ref):
+            out = engine.step({i: f[k].reshape(frame_shape) for k, i in enumerate(ids)})
+            if y is None:
+                continue
+            got = torch.stack([out[i] for i in ids])
+            torch.testing.assert_close(got, y, rtol=1e-4, atol=1e-4)
+    if not check_onnx:
+        return
+    pytest.importorskip("onnxruntime")
+    from costream.export import OnnxStreamRunner, export_onnx
+
+    export_onnx(net, tmp_path / "m.onnx", frame_shape, batch_size=2, optimize=False)
+    clip = frames.reshape(frames.shape[0], 2, *frame_shape).movedim(0, 2)
+    got = OnnxStreamRunner(tmp_path / "m.onnx").run(clip.numpy())
+    due = [y for y in ref if y is not None]
+    assert len(got) == len(due) > 0
+    for a, b in zip(got, due):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)

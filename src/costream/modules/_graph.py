@@ -232,9 +232,9 @@ class Graph(CoModule):
                     frames[n.index] = frames[n.source]
                 else:
                     frames[n.index] = self._apply_frame(n, lambda i: frames[i])
-                    for i, length in n.lines:
-                        z = torch.zeros_like(frames[i])
-                        lines[self._line_slot[(n.index, i)]] = tuple(z for _ in range(length))
+                    for i, length in n.lines:  # distinct tensors: exporters name each leaf
+                        lines[self._line_slot[(n.index, i)]] = tuple(
+                            torch.zeros_like(frames[i]) for _ in range(length))
         return {"co": tuple(states), "lines": tuple(lines)}, tuple(frames[self._output].shape[1:])
 
     # ------------------------------------------------------------------ evaluation helpers
