@@ -28,7 +28,7 @@ from _moving_digits_data import (  # noqa: E402
 
 def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(SCRIPT), "--quick", "--quiet", "--threads", "1",
-           "--iterations", "30", "--steps", "200", "--cache", str(tmp_path / "cache"),
+           "--iterations", "3", "--steps", "200", "--cache", str(tmp_path / "cache"),
            "--out-dir", str(tmp_path / "out"), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
