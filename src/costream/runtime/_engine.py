@@ -30,7 +30,8 @@ class StreamEngine:
         module: the continual module (its own stateful stream is not touched).
         capacity: number of state slots.
         frame_shape: shape of one input frame without the batch dimension, ``(C, *spatial)``.
-        device, dtype: where and in which precision the state lives (default: the module's).
+        device, dtype: where and in which precision the state lives (default: the module's;
+            a module with parameters needs its own). Frames must match them.
         max_batch: streams per batched call (default: all of them in one call). Slots
             ``[k * max_batch, (k + 1) * max_batch)`` form block ``k``.
 
@@ -65,6 +66,11 @@ class StreamEngine:
         self.device = state["age"].device
         ref = next((t for t in _float_leaves(state["tree"])), None)
         self.dtype = ref.dtype if ref is not None else (dtype or torch.get_default_dtype())
+        param = next(module.parameters(), None)
+        if param is not None and (param.dtype, param.device) != (self.dtype, self.device):
+            raise ValueError(f"the engine's state would be {self.dtype} on {self.device}, the "
+                             f"module's parameters are {param.dtype} on {param.device}: pass "
+                             f"the module's dtype and device (or none)")
         self._fresh: State = module.init_state(1, self.frame_shape, device=self.device,
                                                dtype=self.dtype)["tree"]
         self._age = [0] * self.capacity
@@ -113,20 +119,19 @@ class StreamEngine:
         """Step the streams in ``frames`` (``{id: frame (C, *spatial)}``), batched.
 
         Returns ``{id: output}``, the output being ``None`` while the stream warms up or between
-        the outputs of a strided network.
+        the outputs of a strided network. Frames must have the engine's dtype and device (those
+        of the module's parameters); other frames are refused, not cast.
         """
         for sid, f in frames.items():
             self._check(sid)
-            if tuple(f.shape) != self.frame_shape:
-                raise ValueError(f"stream {sid}: frame shape {tuple(f.shape)}, expected "
-                                 f"{self.frame_shape}")
+            self._check_frame(sid, f)
         groups: dict[tuple[int, int], list[int]] = {}
         for sid in sorted(frames):
             key = (sid // self.max_batch, self._age[sid] % self._stride)
             groups.setdefault(key, []).append(sid)
         out: dict[int, Tensor | None] = {}
         for (block, phase), ids in groups.items():
-            x = torch.stack([frames[i] for i in ids]).to(self.device, self.dtype)
+            x = torch.stack([frames[i] for i in ids])
             ages = self._ages(ids)
             tree = self._blocks[block]
             lo = block * self.max_batch
@@ -182,6 +187,20 @@ class StreamEngine:
         idx = torch.tensor([sid % self.max_batch], device=self.device)
         tree_index_copy(self._blocks[sid // self.max_batch], idx, self._fresh)
         self._age[sid] = 0
+
+    def _check_frame(self, sid: int, f: Any) -> None:
+        """Refuse a frame the module would not take (as ``forward_step`` does): no cast."""
+        if not isinstance(f, Tensor):
+            raise TypeError(f"stream {sid}: expected a tensor frame, got {type(f).__name__}")
+        if tuple(f.shape) != self.frame_shape:
+            raise ValueError(f"stream {sid}: frame shape {tuple(f.shape)}, expected "
+                             f"{self.frame_shape}")
+        if f.dtype != self.dtype:
+            raise TypeError(f"stream {sid}: frame dtype {f.dtype} differs from the engine's "
+                            f"{self.dtype} (convert frames with .to({self.dtype}))")
+        if f.device != self.device:
+            raise ValueError(f"stream {sid}: frame on {f.device}, the engine's streams on "
+                             f"{self.device}")
 
     def _check(self, sid: int) -> None:
         if not (0 <= sid < self.capacity) or not self._active[sid]:
