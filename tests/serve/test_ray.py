@@ -197,7 +197,22 @@ def test_bad_input_gets_4xx_and_the_stream_goes_on(cluster):
 def test_load_generator_reports_rate_latency_and_streams_held(cluster):
     from costream.serve._cli import bench
 
-    report = bench(cluster["handles"]["strided"], streams=8, seconds=1.5, progress=False)
-    assert report["frames"] > 8 and report["frames_per_s"] == report["frames"] / 1.5
-    assert 0 < report["p50_ms"] <= report["p99_ms"]
-    assert sum(report["held"]["replicas"].values()) >= 8  # held while the load ran
+    for gateway in (False, True):
+        report = bench(cluster["handles"]["strided"], streams=8, seconds=1.5, progress=False,
+                       gateway=gateway)
+        assert report["frames"] > 8 and report["frames_per_s"] == report["frames"] / 1.5
+        assert 0 < report["p50_ms"] <= report["p99_ms"]
+        assert sum(report["held"]["replicas"].values()) >= 8  # held while the load ran
+
+
+def test_send_many_steps_several_streams_in_one_call(cluster):
+    client = StreamClient(cluster["handles"]["strided"])
+    frames = torch.randn(20, 2, 3, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(9))
+    a, b = client.open(), client.open()
+    outs = [client.send_many({a: f[0], b: f[1]}) for f in frames]
+    a.close()
+    b.close()
+    for i, cam in enumerate((a, b)):
+        want = solo(NETS["strided"][0](), _single(frames[:, i]))
+        assert assert_same({0: [[o[cam] for o in outs]]}, want) >= 4

@@ -126,3 +126,23 @@ def test_serve_command_line_builds_the_config():
     config = config_from(args)
     assert (config.model, config.replicas, config.frame_shape) == ("tcn", 3, (4, 5))
     assert (config.snapshot_every_s, config.batch_window_ms) == (0.5, 2.0)
+
+
+def test_a_full_replica_refuses_a_stream_and_forgets_it():
+    build, shape = NETS["strided"]
+    router = StreamRouter(LocalPool(module=build(), capacity=2, frame_shape=shape,
+                                    dtype=torch.float64), replicas=1)
+
+    async def go():
+        await router.start()
+        try:
+            keys = [await router.open(), await router.open()]
+            with pytest.raises(RuntimeError, match="slots are in use"):
+                await router.open()
+            assert sorted(router.streams) == sorted(keys)
+            await router.close(keys[0])
+            await router.open()  # the freed slot serves a new stream
+        finally:
+            await router.stop()
+
+    asyncio.run(go())

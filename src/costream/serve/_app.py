@@ -19,6 +19,7 @@ from ray import serve
 
 from ..core._module import CoModule
 from ._codec import FrameError, check_frame, decode_frame, encode_output
+from ._memory import choose_capped_log
 from ._pool import RayPool
 from ._router import StreamRouter
 
@@ -43,7 +44,10 @@ class ServeConfig:
         snapshot_dir: write snapshots to files here (shared storage in a cluster) instead of
             passing them through Ray's object store.
         replica_cpus: CPUs Ray reserves per replica; threads: torch threads per replica.
-        capped_log: keep only the frames a fresh state needs (finite receptive field).
+        capped_log: keep per stream only the frames a fresh state needs to rebuild it (finite
+            receptive field). ``None``: where a check on random frames shows that such a
+            replay rebuilds the stream (not for recurrent layers); ``True`` refuses a network
+            that fails the check.
         respawn: start a new replica when one dies.
 
     Example:
@@ -63,7 +67,7 @@ class ServeConfig:
     snapshot_dir: str | None = None
     replica_cpus: float = 1.0
     threads: int | None = 1
-    capped_log: bool = True
+    capped_log: bool | None = None
     respawn: bool = True
 
 
@@ -107,10 +111,12 @@ class StreamIngress:
                        dtype=self.dtype, max_batch=config.max_batch,
                        snapshot_dir=config.snapshot_dir, threads=config.threads)
         t = module.temporal
+        capped = choose_capped_log(module, self.frame_shape, config.capped_log,
+                                   config.snapshot_every_s)
         self.router = StreamRouter(
             pool, config.replicas, batch_window_s=config.batch_window_ms / 1e3,
             snapshot_every_s=config.snapshot_every_s,
-            receptive_field=t.receptive_field if config.capped_log else None,
+            receptive_field=t.receptive_field if capped else None,
             stride=t.stride, warm_up=module._total_delay(), respawn=config.respawn)
         self._started: asyncio.Task | None = None
 
@@ -130,6 +136,15 @@ class StreamIngress:
     async def send(self, key: str, frame: Any) -> torch.Tensor | None:
         await self.ready()
         return await self.router.send(key, check_frame(frame, self.frame_shape, self.dtype))
+
+    async def send_many(self, frames: dict[str, Any]) -> dict[str, torch.Tensor | None]:
+        """Step several streams by one frame each in one call (a gateway hosting many
+        cameras): ``{id: frame}`` in, ``{id: output or None}`` out. Every frame is checked
+        before any is sent."""
+        await self.ready()
+        checked = {k: check_frame(f, self.frame_shape, self.dtype) for k, f in frames.items()}
+        outs = await asyncio.gather(*[self.router.send(k, f) for k, f in checked.items()])
+        return dict(zip(checked, outs))
 
     async def reset(self, key: str) -> None:
         await self.router.reset(key)

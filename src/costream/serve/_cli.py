@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bench", action="store_true", help="run the load generator and exit")
     p.add_argument("--streams", type=int, default=64, help="--bench: streams (default 64)")
     p.add_argument("--seconds", type=float, default=10.0, help="--bench: measured seconds")
+    p.add_argument("--gateway", action="store_true",
+                   help="--bench: one client sends all streams' frames per call")
     p.add_argument("--json", default=None, help="--bench: also write the report here")
 
 
@@ -52,8 +54,10 @@ def config_from(args: argparse.Namespace):
                        replica_cpus=args.replica_cpus, threads=args.threads)
 
 
-def bench(handle, streams: int, seconds: float, progress: bool = True) -> dict:
-    """Drive the deployed app behind ``handle`` with ``streams`` closed-loop streams."""
+def bench(handle, streams: int, seconds: float, progress: bool = True,
+          gateway: bool = False) -> dict:
+    """Drive the deployed app behind ``handle`` with ``streams`` closed-loop streams (with
+    ``gateway``, all streams' frames in one ``send_many`` call)."""
     import torch
 
     from ._load import generate_load
@@ -65,7 +69,8 @@ def bench(handle, streams: int, seconds: float, progress: bool = True) -> dict:
             lambda: handle.open.remote(), lambda k, f: handle.send.remote(k, f),
             lambda k: handle.close.remote(k), tuple(info["frame_shape"]), streams=streams,
             seconds=seconds, dtype=getattr(torch, info["dtype"]), progress=progress,
-            stats=lambda: handle.stats.remote())
+            stats=lambda: handle.stats.remote(),
+            send_many=(lambda fs: handle.send_many.remote(fs)) if gateway else None)
 
     return asyncio.run(go())
 
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                      num_cpus=args.num_cpus)
     try:
         if args.bench:
-            report = bench(handle, args.streams, args.seconds)
+            report = bench(handle, args.streams, args.seconds, gateway=args.gateway)
             held = report["held"]["replicas"] if report["held"] else {}
             print(f"{args.model}: {report['frames_per_s']:.1f} frames/s, p50 "
                   f"{report['p50_ms']:.2f} ms, p99 {report['p99_ms']:.2f} ms per frame; "

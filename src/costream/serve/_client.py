@@ -38,6 +38,11 @@ class StreamClient:
         """:meth:`open` from a running event loop."""
         return Stream(self.handle, await self.handle.open.remote())
 
+    def send_many(self, frames: dict[Stream, Any]) -> dict[Stream, Tensor | None]:
+        """Step several streams by one frame each in one call."""
+        outs = self.handle.send_many.remote({s.key: f for s, f in frames.items()}).result()
+        return {s: outs[s.key] for s in frames}
+
     def stats(self) -> dict[str, Any]:
         """Streams per replica and the recoveries so far."""
         return self.handle.stats.remote().result()

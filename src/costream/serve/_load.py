@@ -31,10 +31,14 @@ async def generate_load(open_: Callable[[], Awaitable[Any]],
                         close: Callable[[Any], Awaitable[Any]], frame_shape: tuple[int, ...], *,
                         streams: int = 64, seconds: float = 10.0, warm_up_s: float = 1.0,
                         dtype: torch.dtype = torch.float32, progress: bool = True,
-                        stats: Callable[[], Awaitable[dict[str, Any]]] | None = None
+                        stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+                        send_many: Callable[[dict], Awaitable[Any]] | None = None
                         ) -> dict[str, Any]:
     """Run ``streams`` closed-loop streams for ``warm_up_s + seconds``; measure the last
-    ``seconds``. Returns frames/s, latency percentiles (ms), frames, streams and stats."""
+    ``seconds``. Returns frames/s, latency percentiles (ms), frames, streams and stats.
+
+    With ``send_many`` one client sends every stream's next frame in one call (a gateway),
+    as soon as the previous call is answered; each frame's latency is its call's."""
     keys = await asyncio.gather(*[open_() for _ in range(streams)])
     frames = torch.randn(8, *frame_shape, dtype=dtype)
     latencies: list[float] = []
@@ -61,7 +65,18 @@ async def generate_load(open_: Callable[[], Awaitable[Any]],
                                  f"{rate:9.1f} frames/s  {streams} streams")
                 sys.stderr.flush()
 
-    await asyncio.gather(show(), *[one(k, i) for i, k in enumerate(keys)])
+    async def gateway() -> None:
+        n = 0
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            await send_many({k: frames[(n + i) % len(frames)] for i, k in enumerate(keys)})
+            t1 = time.perf_counter()
+            if t0 >= t_measure:
+                latencies.extend([t1 - t0] * len(keys))
+            n += 1
+
+    clients = [gateway()] if send_many is not None else [one(k, i) for i, k in enumerate(keys)]
+    await asyncio.gather(show(), *clients)
     if progress:
         sys.stderr.write("\n")
     held = await stats() if stats is not None else None

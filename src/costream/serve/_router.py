@@ -239,6 +239,9 @@ class StreamRouter:
             kind, key = op[0], op[1]
             s = self.streams.get(key)
             if isinstance(result, Exception):
+                if kind == "open" and s is not None:  # e.g. no free slot: forget the stream
+                    del self.streams[key]
+                    r.streams.discard(key)
                 fut.set_exception(result)
                 continue
             if kind == "open":
