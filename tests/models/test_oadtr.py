@@ -97,13 +97,17 @@ def test_positions_restart_each_period() -> None:
 
 def test_retroactive_running_sums_stream_exactly() -> None:
     net = tiny("cooadtr_b2", recompute=False)  # the paper's update (default: recomputed)
-    assert_streaming_equivalent(net, stream(), check_state=False)
+    x = stream()
+    assert_streaming_equivalent(net, x, cooadtr_reference(net, x, net.pos.weight),
+                                check_state=False)
 
 
 @pytest.mark.parametrize("name", list_models(family="features"))
 def test_float32_streams(name: str) -> None:
     net = tiny(name).float()
-    assert_streaming_equivalent(net, stream().float(), check_batch=False, check_state=False)
+    # float64 parity with plain torch is checked above; here the float32 paths step as forward
+    assert_streaming_equivalent(net, stream().float(), check_batch=False, check_state=False,
+                                self_consistency_only=True)
 
 
 def test_bad_inputs_are_rejected() -> None:

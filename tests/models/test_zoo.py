@@ -42,20 +42,23 @@ def test_registered_model_streams_exactly(name: str) -> None:
         with pytest.raises(RuntimeError, match="se_scope='frame'"):
             model.forward_step(x[:, :, 0])
         return
-    assert_streaming_equivalent(model, stream_for(model, 2))
+    # a zoo model's forward is its definition (test_checkpoints.py compares it with
+    # PyTorchVideo's models): stepping is compared with it
+    assert_streaming_equivalent(model, stream_for(model, 2), self_consistency_only=True)
 
 
 def test_continual_x3d_streams_in_float32() -> None:
     model = small("cox3d_xs").float()
     x = stream_for(model, 1).float()
-    assert_streaming_equivalent(model, x, check_batch=False, check_state=False)
+    assert_streaming_equivalent(model, x, check_batch=False, check_state=False,
+                                self_consistency_only=True)
 
 
 @pytest.mark.parametrize("name", ["cox3d_xs", "coi3d_r50"])
 def test_replicate_fill_streams_exactly(name: str) -> None:
     model = small(name, temporal_fill="replicate")
     assert_streaming_equivalent(model, stream_for(model, 1), check_batch=False,
-                                check_state=False)
+                                check_state=False, self_consistency_only=True)
 
 
 def test_offline_and_continual_x3d_share_one_architecture() -> None:

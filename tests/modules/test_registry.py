@@ -2,7 +2,7 @@
 
 Each case is a factory ``fn(dtype) -> (module, x, reference)``: the continual module, a clip
 ``(B, C, T, ...)`` (or a tuple of clips) with batch >= 2, and the offline computation that
-``module.forward`` must equal (a callable built from ``torch`` only, a tensor, or ``None``).
+``module.forward`` must equal (a callable built from ``torch`` only, or a tensor).
 Every case runs through :func:`costream.testing.assert_streaming_equivalent` in float64 and
 float32.
 

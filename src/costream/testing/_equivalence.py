@@ -2,7 +2,10 @@
 
 For a continual module and a clip it checks, in order:
 
-1. ``forward(x)`` equals the offline reference (a callable or a tensor), if one is given;
+1. ``forward(x)`` equals the offline reference (the source module, a callable or a tensor);
+   a call without one must say ``self_consistency_only=True``: checks 2-8 only compare the
+   module with itself, so a ``forward`` that differs from the source (a branch misaligned by a
+   frame, say) passes them;
 2. ``forward_steps(x, pad_end=True)`` from a fresh state equals ``forward(x)``;
 3. a loop of ``forward_step`` returns ``None`` for exactly the first ``delay`` steps and between
    strided outputs, and the outputs that became due equal the first outputs of ``forward(x)``;
@@ -89,6 +92,7 @@ def assert_streaming_equivalent(
     atol: float | None = None,
     check_batch: bool = True,
     check_state: bool = True,
+    self_consistency_only: bool = False,
 ) -> None:
     """Assert that ``module`` meets the streaming contract on clip ``x`` ``(B, C, T, ...)``.
 
@@ -97,10 +101,15 @@ def assert_streaming_equivalent(
         x: a clip, or a tuple of clips for multi-input modules; batch >= 2 for the
             independent-streams check.
         reference: the offline computation ``forward`` must equal (e.g. the source
-            ``torch.nn`` module), or its output.
+            ``torch.nn`` module), or its output. Required unless ``self_consistency_only``.
         rtol, atol: tolerances; default per dtype (:func:`tolerances`).
         check_batch: run the independent-streams check (needs batch >= 2).
         check_state: run the save/restore check.
+        self_consistency_only: check only that stepping agrees with the module's own
+            ``forward`` (for a module with no offline source), with ``reference=None``.
+
+    Raises:
+        TypeError: no ``reference`` and not ``self_consistency_only``, or both.
 
     Example:
         >>> import torch, costream as cs
@@ -108,6 +117,14 @@ def assert_streaming_equivalent(
         >>> src = torch.nn.Conv1d(2, 3, 3, padding=1).double()
         >>> assert_streaming_equivalent(cs.continual(src), torch.randn(2, 2, 9).double(), src)
     """
+    if reference is None and not self_consistency_only:
+        raise TypeError(
+            "assert_streaming_equivalent needs the offline reference (the source module, a "
+            "callable or its output): without one nothing is compared to the source, and a "
+            "module whose forward differs from it passes. Pass reference=None, "
+            "self_consistency_only=True to check only the module against itself")
+    if reference is not None and self_consistency_only:
+        raise TypeError("self_consistency_only=True with a reference: drop one of them")
     dtype = (x[0] if isinstance(x, tuple) else x).dtype
     tol = tolerances(dtype)
     if rtol is not None:
