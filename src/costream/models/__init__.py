@@ -19,23 +19,20 @@ Example:
 """
 
 from ._checkpoints import CheckpointError, load_checkpoint, map_checkpoint
-from ._graphs import SkeletonGraph, skeleton_graph
-from ._kinetics import kinetics400_classes
+from ._create import create_model
 from ._layers import fold_batch_norm
-from ._oadtr import CoOadTR, OadTR
-from ._registry import create_model, list_models, model_family, register_model
-from ._resnet3d import ResNet3D
-from ._se import SqueezeExcitation
-from ._skeleton_data import SkeletonDataset, bone_stream
-from ._stgcn import STGCN
-from ._thumos import (
+from ._registry import list_models, model_family, register_model
+from .features import (
+    CoOadTR,
+    OadTR,
     ThumosFeatures,
     average_precision,
     load_thumos_features,
     pad_start,
     per_frame_map,
 )
-from ._x3d import X3D
+from .skeleton import STGCN, SkeletonDataset, SkeletonGraph, bone_stream, skeleton_graph
+from .video import X3D, ResNet3D, SqueezeExcitation, kinetics400_classes
 
 __all__ = [
     "CheckpointError", "CoOadTR", "OadTR", "ResNet3D", "STGCN", "SkeletonDataset",

@@ -10,7 +10,7 @@ Supported layouts (REFERENCE facts; Co3D, arXiv 2106.00050, reuses these weights
 * ``"stgcn"``: the ST-GCN family (ST-GCN, AGCN, S-TR): ``.pt`` state dicts or Lightning
   ``.ckpt`` files (``{"state_dict": ...}``, keys possibly prefixed with ``model.``) with keys
   ``data_bn.*``, ``layers.layerK.{gcn,tcn,residual}.*``, ``fc.*`` (see
-  ``_skeleton_checkpoints.py``).
+  ``skeleton/_skeleton_checkpoints.py``).
 * ``"costream"``: a ``state_dict`` of the zoo model itself.
 
 Files are read with ``torch.load(weights_only=True)`` (no code from the file runs). Anything that
@@ -29,9 +29,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._resnet3d import ResNet3D
-from ._skeleton_checkpoints import is_stgcn_layout, map_stgcn_keys
-from ._x3d import X3D
+from ._rename import CheckpointError, rename_keys
+from .skeleton._skeleton_checkpoints import is_stgcn_layout, map_stgcn_keys
+from .video._resnet3d import ResNet3D
+from .video._x3d import X3D
 
 Layout = Literal["auto", "pytorchvideo", "pyslowfast", "stgcn", "costream"]
 Rule = tuple[str, str | Callable[[re.Match], str]]
@@ -130,21 +131,6 @@ def _rename(key: str, prefix: list[Rule], block: list[Rule]) -> str:
 
 
 # ------------------------------------------------------------------------------ public API
-class CheckpointError(ValueError):
-    """A checkpoint does not fit a model (missing or unexpected keys, shape mismatches).
-
-    Example:
-        >>> import torch
-        >>> from costream.models import CheckpointError, create_model, load_checkpoint
-        >>> state = create_model("x3d_xs", num_classes=10).state_dict()
-        >>> try:
-        ...     load_checkpoint(create_model("x3d_xs"), state)
-        ... except CheckpointError as err:
-        ...     print(str(err).splitlines()[-1].strip())
-        head.proj.bias: checkpoint (10,), model (400,)
-    """
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The state dict in a ``.pyth`` / ``.pt`` file, read with ``torch.load(weights_only=True)``.
 
@@ -206,35 +192,6 @@ def map_checkpoint(state: Mapping[str, Tensor], model: nn.Module,
         return map_stgcn_keys(state)
     prefix, block = _tables(model, layout)
     return rename_keys(state, lambda k: _rename(k, prefix, block))
-
-
-def rename_keys(state: Mapping[str, Tensor], rename: Callable[[str], str]) -> dict[str, Tensor]:
-    """``{rename(key): value}`` of ``state``; two keys renamed onto one are refused.
-
-    Raises:
-        CheckpointError: naming both source keys and the model key they share (otherwise the
-            later one would silently win).
-
-    Example:
-        >>> import torch
-        >>> from costream.models._checkpoints import CheckpointError, rename_keys
-        >>> state = {"model.fc.weight": torch.zeros(1), "fc.weight": torch.ones(1)}
-        >>> try:
-        ...     rename_keys(state, lambda k: k.removeprefix("model."))
-        ... except CheckpointError as err:
-        ...     print(err)
-        checkpoint keys 'model.fc.weight' and 'fc.weight' both map to the model key
-        'fc.weight'; keep one of them
-    """
-    out: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
-    for key, value in state.items():
-        new = rename(key)
-        if new in out:
-            raise CheckpointError(f"checkpoint keys {origin[new]!r} and {key!r} both map to the "
-                                  f"model key {new!r}; keep one of them")
-        out[new], origin[new] = value, key
-    return out
 
 
 def architecture_options(state: Mapping[str, Any], model: nn.Module) -> dict[str, Any]:

@@ -6,7 +6,7 @@ input normalisation the persons move next to the joints: features are ``(N, C, T
 (no layer mixes them) and the batch dimension stays the stream dimension. Every layer here acts
 on each frame independently (a :class:`costream` frame map, no state, no delay); the temporal
 convolutions between them are :class:`costream.Conv2d` layers with ``(9, 1)`` kernels
-(:class:`~costream.models._stgcn_linear.TemporalConv`).
+(:class:`~costream.models.skeleton._stgcn_linear.TemporalConv`).
 
 Parameter names follow the published checkpoints of the ST-GCN family (``A``, ``graph_attn``,
 ``g_conv``, ``a_conv``, ``b_conv``, ``gcn_residual``, ``bn``, ``data_bn``, ``attention_conv``).
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 import costream as cs
 
-from ..modules._cache import DerivedCache
-from ..modules._frame import _FrameMap
+from ...modules._cache import DerivedCache
+from ...modules._frame import _FrameMap
 from ._stgcn_linear import linear_channels
 
 AdjacencyScope = Literal["clip", "frame"]
@@ -76,7 +76,7 @@ class SkeletonInputNorm(_FrameMap, nn.BatchNorm1d):
 
     Example:
         >>> import torch
-        >>> from costream.models._stgcn_layers import SkeletonInputNorm
+        >>> from costream.models.skeleton._stgcn_layers import SkeletonInputNorm
         >>> norm = SkeletonInputNorm(3, 25, 2).eval()
         >>> norm(torch.randn(1, 3, 6, 25, 2)).shape
         torch.Size([1, 3, 6, 50])
@@ -142,7 +142,7 @@ class GraphConv(_SkeletonFrameMap):
     Example:
         >>> import torch
         >>> from costream.models import skeleton_graph
-        >>> from costream.models._stgcn_layers import GraphConv
+        >>> from costream.models.skeleton._stgcn_layers import GraphConv
         >>> gcn = GraphConv(3, 8, skeleton_graph("ntu").partitions()).eval()
         >>> x = torch.randn(1, 3, 4, 50)
         >>> torch.allclose(gcn.forward_steps(x), gcn(x), atol=1e-6)
@@ -213,7 +213,7 @@ class AdaptiveGraphConv(_SkeletonFrameMap):
     Example:
         >>> import torch
         >>> from costream.models import skeleton_graph
-        >>> from costream.models._stgcn_layers import AdaptiveGraphConv
+        >>> from costream.models.skeleton._stgcn_layers import AdaptiveGraphConv
         >>> a = skeleton_graph("ntu").partitions()
         >>> gcn = AdaptiveGraphConv(3, 8, a, scope="frame").eval()
         >>> x = torch.randn(1, 3, 4, 50)
@@ -319,7 +319,7 @@ class SpatialAttention(_SkeletonFrameMap):
     Example:
         >>> import torch
         >>> from costream.models import skeleton_graph
-        >>> from costream.models._stgcn_layers import SpatialAttention
+        >>> from costream.models.skeleton._stgcn_layers import SpatialAttention
         >>> att = SpatialAttention(8, 8, skeleton_graph("ntu").partitions(), heads=2).eval()
         >>> x = torch.randn(1, 8, 4, 50)
         >>> torch.allclose(att.forward_steps(x), att(x), atol=1e-6)
@@ -377,7 +377,7 @@ class SpatioTemporalBlock(cs.BroadcastReduce):
     Example:
         >>> import torch, costream as cs
         >>> from collections import OrderedDict
-        >>> from costream.models._stgcn_layers import SpatioTemporalBlock
+        >>> from costream.models.skeleton._stgcn_layers import SpatioTemporalBlock
         >>> main = cs.Sequential(OrderedDict(tcn=cs.Conv2d(4, 4, (9, 1))))
         >>> block = SpatioTemporalBlock(main, torch.nn.Identity())
         >>> block(torch.randn(1, 4, 12, 5)).shape, block.delay  # residual cropped by 4 + 4

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 import costream as cs
 
-from ..core._module import Age, CoModule, advance
-from ..core._temporal import Temporal
-from ._layers import Network, check_positive
-from ._registry import register_model
+from ...core._module import Age, CoModule, advance
+from ...core._temporal import Temporal
+from .._layers import Network, check_positive
+from .._registry import register_model
 
 
 def _check_width(name: str, value: int, heads: int) -> int:

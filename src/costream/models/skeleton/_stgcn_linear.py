@@ -38,7 +38,7 @@ class TemporalConv(cs.Conv2d):
 
     Example:
         >>> import torch
-        >>> from costream.models._stgcn_linear import TemporalConv
+        >>> from costream.models.skeleton._stgcn_linear import TemporalConv
         >>> conv = TemporalConv(4, 6, (9, 1), stride=(2, 1), padding=(4, 0)).double()
         >>> x = torch.randn(2, 4, 11, 5, dtype=torch.double)
         >>> torch.allclose(conv.forward_steps(x, pad_end=True), conv(x))

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from .._rename import rename_keys
+
 _PREFIX = re.compile(r"^model\.")
 _BLOCK = re.compile(r"^layers\.(layer\d+)\.(gcn|tcn)\.")
 _DETECT = re.compile(r"^(model\.)?(data_bn\.|layers\.layer\d+\.)")
@@ -43,14 +45,12 @@ def map_stgcn_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
     Example:
         >>> import torch
-        >>> from costream.models._skeleton_checkpoints import map_stgcn_keys
+        >>> from costream.models.skeleton._skeleton_checkpoints import map_stgcn_keys
         >>> state = {"model.layers.layer5.gcn.g_conv.0.weight": torch.zeros(1),
         ...          "model.layers.layer5.residual.t_conv.weight": torch.zeros(1)}
         >>> list(map_stgcn_keys(state))
         ['layers.layer5.main.gcn.g_conv.0.weight', 'layers.layer5.residual.t_conv.weight']
     """
-    from ._checkpoints import rename_keys  # the loader imports this module
-
     return rename_keys(state, stgcn_key)
 
 

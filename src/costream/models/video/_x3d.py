@@ -23,7 +23,7 @@ from torch import nn
 
 import costream as cs
 
-from ._layers import (
+from .._layers import (
     Network,
     TemporalFill,
     batch_norm,
@@ -33,7 +33,7 @@ from ._layers import (
     projection,
     residual_block,
 )
-from ._registry import register_model
+from .._registry import register_model
 from ._se import SEScope, SqueezeExcitation, round_width
 
 # size: (clip_length, crop_size, depth_factor); widths are shared (X3D paper, table 1)

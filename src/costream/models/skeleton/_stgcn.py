@@ -36,9 +36,9 @@ from torch import nn
 
 import costream as cs
 
+from .._layers import Network, check_positive
+from .._registry import register_model
 from ._graphs import SkeletonGraph, skeleton_graph
-from ._layers import Network, check_positive
-from ._registry import register_model
 from ._stgcn_layers import (
     AdaptiveGraphConv,
     AdjacencyScope,

@@ -17,7 +17,7 @@ from torch import nn
 
 import costream as cs
 
-from ._layers import (
+from .._layers import (
     Network,
     TemporalFill,
     batch_norm,
@@ -27,7 +27,7 @@ from ._layers import (
     projection,
     residual_block,
 )
-from ._registry import register_model
+from .._registry import register_model
 
 _DEPTHS = (3, 4, 6, 3)
 _INNER = (64, 128, 256, 512)

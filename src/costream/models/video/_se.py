@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modules._frame import _FrameMap
+from ...modules._frame import _FrameMap
 
 SEScope = Literal["clip", "frame"]
 
