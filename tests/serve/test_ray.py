@@ -216,3 +216,21 @@ def test_send_many_steps_several_streams_in_one_call(cluster):
     for i, cam in enumerate((a, b)):
         want = solo(NETS["strided"][0](), _single(frames[:, i]))
         assert assert_same({0: [[o[cam] for o in outs]]}, want) >= 4
+
+
+def test_scale_down_drains_a_replica_and_loses_nothing(cluster):
+    handle = cluster["handles"]["transformer"]
+    script = Script(12, 18, (8,), seed=10)
+    sizes = []
+
+    async def scale(t):
+        if t in (8, 13):
+            await handle.scale.remote(1 if t == 8 else 2)
+            sizes.append(len((await handle.stats.remote())["replicas"]))
+
+    before = len(handle.stats.remote().result()["recoveries"])
+    got = _run(handle, script, scale)
+    assert assert_same(got, solo(NETS["transformer"][0](), script)) > 30
+    assert sizes == [1, 2]
+    recoveries = handle.stats.remote().result()["recoveries"][before:]
+    assert [r["reason"] for r in recoveries] == ["drained"]
