@@ -459,3 +459,24 @@ def test_stream_engine_and_onnxruntime_match_stepping(name, tmp_path):
     assert len(got) == len(due) > 0
     for a, b in zip(got, due):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_pruning_a_converted_graph_keeps_it_exact():
+    pytest.importorskip("torch_pruning")
+    from costream.prune import prune
+
+    torch.manual_seed(0)
+    for model, x in ((WaveNet(layers=2), torch.randn(2, 1, 20)),
+                     (DownBlock(), torch.randn(2, 3, 6, 6, 6))):
+        model = _randomize(model.double())
+        x = x.double()
+        net = cs.continual(model, example=x)
+        before = sum(p.numel() for p in net.parameters())
+        prune(net, x[:1], "l1", density=0.5)
+        assert sum(p.numel() for p in net.parameters()) < before
+        with torch.no_grad():
+            offline = net(x)
+        assert_streaming_equivalent(net, x, offline)
+    with pytest.raises(ValueError, match="weight norm"):
+        prune(cs.continual(TCN(weight_norm_new), example=torch.randn(1, 3, 12)),
+              torch.randn(1, 3, 12), "l1", density=0.5)

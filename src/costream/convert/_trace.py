@@ -16,7 +16,6 @@ Steps:
 
 from __future__ import annotations
 
-import copy
 import operator
 import os
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from ..modules._conv import _CoConvNd as _CoConv
 from ..modules._delay import Skip
 from ..modules._graph import Graph, Node, Ref, _map, mirror
 from ..modules._pointwise import is_pointwise, pointwise_step
-from ..modules._window import Pad, WindowReduce
+from ..modules._window import Pad, WindowReduce, fuse_pad
 from . import _leaves
 from ._report import Blocker, NotStreamableError
 
@@ -171,7 +170,9 @@ class _Builder:
         keep = self._live(out.index)
         nodes = self._renumber(keep)
         frame = [s for d, s in enumerate(x1.shape) if d != self.time_dim]
-        graph = Graph(nodes, out.index, self.gm.graph, time_dim=self.time_dim,
+        offline = self.gm.graph  # the builder's own copy of the trace
+        offline.eliminate_dead_code()  # outputs nothing reads are not computed offline either
+        graph = Graph(nodes, out.index, offline, time_dim=self.time_dim,
                       input_spec=(len(frame), frame[1] if len(frame) > 1 else None))
         mirror(self.model, self.leaves, graph)
         graph.training = self.model.training  # submodules keep their own (shared) modes
@@ -386,11 +387,13 @@ class _Builder:
             raise _Block("moves time into channels or batch")
         if register:
             self.leaves[register] = co
+        fuse = None
         if src.kind == "co" and isinstance(src.co, Pad) and _fusible(co, src.co):
-            co, src = _fuse_pad(co, src.co), self.nodes[src.source]
+            fuse = (co, src.co.start, src.co.end)
+            co, src = fuse_pad(*fuse), self.nodes[src.source]
         g = src.geometry.then(co.temporal)
         return self._add(fxn, "co", co=co, source=src.index, time_axis=out_axis,
-                         keep_axis=keep_axis, virtual=virtual, geometry=g)
+                         keep_axis=keep_axis, virtual=virtual, geometry=g, fuse=fuse)
 
     def _adaptive(self, fxn: fx.Node, m: Any, src: Node, make: Callable[[int], nn.Module]
                   ) -> None:
@@ -790,18 +793,6 @@ def _dims_of(idx: tuple, ndim: int) -> list[int]:
 def _fusible(conv: nn.Module, pad: Pad) -> bool:
     return (isinstance(conv, _CoConv) and conv.padding_mode == "zeros" and pad.value == 0.0
             and conv._tpad[0] + pad.start <= conv._span)
-
-
-def _fuse_pad(conv: nn.Module, pad: Pad) -> nn.Module:
-    """A copy of ``conv`` (same parameters) that also does ``pad``'s zero padding: the start
-    padding then sits in the partial sums, with no delay line and no added latency."""
-    fused = copy.copy(conv)
-    rp = list(conv._reversed_padding_repeated_twice)
-    rp[-2] += pad.start
-    rp[-1] += pad.end
-    fused._reversed_padding_repeated_twice = rp
-    fused._validate()
-    return fused
 
 
 def _squeeze_dims(x: Tensor, dims: tuple[int, ...]) -> Tensor:

@@ -38,7 +38,7 @@ from ._sequential import next_out
 class Node:
     """One operation of a :class:`Graph` (built by the converter, not by hand)."""
 
-    __slots__ = ("args", "co", "fast", "fn", "geometry", "index", "keep_axis", "kind",
+    __slots__ = ("args", "co", "fast", "fn", "fuse", "geometry", "index", "keep_axis", "kind",
                  "kwargs", "lines", "name", "source", "streams", "time_axis", "virtual",
                  "where")
 
@@ -59,6 +59,7 @@ class Node:
         self.lines: list[tuple[int, int]] = []  # joins: (stream input, line length)
         self.fast = False          # fn applies to frames as they are
         self.where = ""            # module path / source line, for messages
+        self.fuse: tuple | None = None  # co: (conv, start, end) of a conv with F.pad folded in
 
 
 class Ref:
@@ -142,6 +143,10 @@ class Graph(CoModule):
         for n in self._nodes:
             i = n.index
             if n.kind == "co":
+                if n.fuse is not None:  # rebuilt from the conv: it may have been pruned
+                    from ._window import fuse_pad
+
+                    n.co = fuse_pad(*n.fuse)
                 n.co._prepare()
                 co_slot[i] = len(co_slot)
                 plan.append((0, i, n.source, (co_slot[i], n.co._step), n.keep_axis))

@@ -4,6 +4,7 @@ over a sliding window)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -81,6 +82,20 @@ class Pad(CoModule):
     def _clip(self, x: Tensor) -> Tensor:
         pads = [0, 0] * (x.dim() - 3) + [self.start, self.end]
         return torch.nn.functional.pad(x, pads, value=self.value)
+
+
+def fuse_pad(conv: CoModule, start: int, end: int = 0) -> CoModule:
+    """A copy of a continual conv (same parameters) that also zero-pads its input along time:
+    the start padding then sits in its partial sums, with no delay line and no added latency.
+    The copy shares the conv's parameters; make it again if the conv changes shape."""
+    fused = copy.copy(conv)
+    fused.__dict__ = dict(conv.__dict__)
+    rp = list(conv._reversed_padding_repeated_twice)
+    rp[-2] += start
+    rp[-1] += end
+    fused._reversed_padding_repeated_twice = rp
+    fused._validate()
+    return fused
 
 
 _REDUCE = {"mean": torch.mean, "sum": torch.sum, "amax": torch.amax, "amin": torch.amin}

@@ -113,6 +113,7 @@ class Pruner:
             raise ValueError(f"density must be in (0, 1], got {density}")
         if round_to < 1 or min_channels < 1:
             raise ValueError("round_to and min_channels must be >= 1")
+        _refuse_computed_weights(model)
         self.model = model
         self.criterion = get_criterion(criterion)
         self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(
@@ -284,6 +285,21 @@ class Pruner:
             seen.add((module, kind))
             record_removal(module, kind, list(item.idxs))
         pg.prune()
+
+
+def _refuse_computed_weights(model: nn.Module) -> None:
+    """Weight-normed / parametrized layers compute ``weight``: channels cannot be cut from it."""
+    from torch.nn.utils import parametrize
+
+    from ..convert._leaves import _Computed, old_weight_norm
+
+    for name, m in model.named_modules():
+        if isinstance(m, _Computed) or parametrize.is_parametrized(m) or \
+                old_weight_norm(m) is not None:
+            raise ValueError(
+                f"cannot prune '{name}' ({type(m).__name__}): its weight is computed (weight norm "
+                f"or a parametrization); remove it first (torch.nn.utils.remove_weight_norm or "
+                f"torch.nn.utils.parametrize.remove_parametrizations) and convert again")
 
 
 def prune(
