@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+# One intra-op thread for the whole run and the processes tests start, unless the caller sets
+# OMP_NUM_THREADS: test tensors are small, and on a shared 2-core machine a second thread mostly
+# spins at OpenMP barriers (4 test files under load: 44 s of CPU and 163 s wall at 2 threads,
+# 13 s and 58 s at 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
