@@ -184,10 +184,11 @@ def test_window_classifier_streams_over_a_sliding_window():
     """A DS-CNN with time last: each output equals the model run on that window."""
     torch.manual_seed(0)
     model = _randomize(DSCNN().double())
-    window, clip = 4, torch.randn(2, 1, 10, 40, dtype=torch.float64)
+    window, clip = 18, torch.randn(2, 1, 10, 40, dtype=torch.float64)
     net = cs.continual(model, example=clip[..., :24], time_dim=3, temporal_window=window)
     assert list(net.state_dict()) == list(model.state_dict())
     rf = net.receptive_field
+    assert rf == window  # the window the model classifies, in input frames
     outs = [net.forward_step(clip[..., t]) for t in range(clip.shape[3])]
     due = [(t, y) for t, y in enumerate(outs) if y is not None]
     assert due and due[0][0] == net.delay
@@ -294,7 +295,7 @@ def test_clip_level_squeeze_excitation_is_refused():
     with pytest.raises(cs.NotStreamableError, match="over time"):
         cs.continual(SE3d(), example=torch.randn(1, 3, 6, 4, 4))
     with pytest.raises(cs.NotStreamableError, match="squeeze-excitation"):
-        cs.continual(SE3d(), example=torch.randn(1, 3, 6, 4, 4), temporal_window=4)
+        cs.continual(SE3d(), example=torch.randn(1, 3, 6, 4, 4), temporal_window=6)
 
 
 def test_group_norm_wav2vec2_is_refused():
@@ -409,7 +410,7 @@ STREAMED = {
     "wavenet": (WaveNet, (2, 1, 24), {}, False),
     "unpadded wavenet": (UnpaddedWaveNet, (2, 5, 20), {}, False),
     "3d residual": (DownBlock, (2, 3, 8, 6, 6), {}, True),
-    "ds-cnn": (DSCNN, (2, 1, 10, 30), {"time_dim": 3, "temporal_window": 4}, True),
+    "ds-cnn": (DSCNN, (2, 1, 10, 30), {"time_dim": 3, "temporal_window": 18}, True),
     "wav2vec2": (_wav2vec2_layer_norm, (2, 200), {"time_dim": 1}, True),
     "r2plus1d": (lambda: _ptv_stages("r2plus1d.create_r2plus1d"), (2, 3, 8, 16, 16), {}, False),
 }

@@ -63,7 +63,8 @@ def continual(model: nn.Module, *, temporal_window: int | None = None,
             registered through :func:`register_handler`.
         temporal_window: frames pooled by converted adaptive pools (their offline temporal
             output size must be 1), tokens attended over by converted attention layers and
-            Transformer encoders.
+            Transformer encoders. In a traced model, the input frames of the window the model
+            classifies: each reduction over time then pools what reaches it from ``n`` frames.
         attention: how the retroactive attention of Transformer encoders of two or more layers
             updates the outputs of the window's tokens per step. ``"exact"`` (default)
             recomputes them from cached queries, keys and values (``2 n^2 d_h`` MACs per head):

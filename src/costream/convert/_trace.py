@@ -405,10 +405,7 @@ class _Builder:
             raise _Block("adaptive pooling that resizes time cannot stream")
         if self.v1[fxn].dim() <= 2 or self.v1[fxn].shape[2] != 1:
             raise _Block("adaptive pooling that moves time")
-        if self.window is None:
-            raise _Block("pools over the whole clip: pass continual(..., temporal_window=n) "
-                         "to stream it over a sliding window of n frames")
-        self._co(fxn, make(self.window), src, keep_axis=2, virtual=True,
+        self._co(fxn, make(self._window_at(src)), src, keep_axis=2, virtual=True,
                  register=fxn.target if fxn.op == "call_module" else None)
 
     # ------------------------------------------------------------------ functions
@@ -576,6 +573,18 @@ class _Builder:
         n.geometry = Temporal(delay + pad + 1, s, pad, gs[0].extent + delay)
         n.lines = [(u.index, -((g.delay - delay) // s)) for u, g in zip(uniq, gs)]
 
+    def _window_at(self, src: Node) -> int:
+        """Frames a reduction over time sees when the model runs on ``temporal_window`` input
+        frames (the window the model classifies)."""
+        if self.window is None:
+            raise _Block("reduces over time: pass continual(..., temporal_window=n) to stream "
+                         "the model over a sliding window of n input frames")
+        n = src.geometry.out_length(self.window)
+        if n < 1:
+            raise _Block(f"temporal_window={self.window} is shorter than the receptive field "
+                         f"of the layers before this reduction ({src.geometry.receptive_field})")
+        return n
+
     # ------------------------------------------------------------------ time ops
     def _slice(self, fxn: fx.Node, src: Node) -> bool:
         """``x[..., k:-n]`` along time: a skip of ``k`` frames and an end crop of ``n``."""
@@ -670,9 +679,7 @@ class _Builder:
             raise _Block("reduces over the batch")
         if _REDUCTIONS[name] is None:
             raise _Block(f"{name} over time cannot stream")
-        if self.window is None:
-            raise _Block("reduces over time: pass continual(..., temporal_window=n) to "
-                         "stream it over a sliding window of n frames")
+        window = self._window_at(src)
         if src.time_axis != 2:
             raise _Block("reductions over time need time at dim 2")
         cur = src
@@ -684,7 +691,7 @@ class _Builder:
                             kwargs={"keepdim": True}, streams=[cur.index], time_axis=2,
                             geometry=cur.geometry)
             self.index.pop(fxn)
-        co = WindowReduce(self.window, op)
+        co = WindowReduce(window, op)
         keep = 2 if keepdim else None
         node = self._add(fxn, "co", co=co, source=cur.index, time_axis=None, keep_axis=keep,
                          virtual=True, geometry=cur.geometry.then(co.temporal))
