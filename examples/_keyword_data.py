@@ -184,6 +184,52 @@ def clip_batch(u: Utterances, batch: int, rng: np.random.Generator,
     return clips, labels
 
 
+IGNORE = -100  # label of windows that hold only part of a keyword (left out of the loss)
+
+
+def window_batch(u: Utterances, batch: int, rng: np.random.Generator,
+                 snr_range: tuple[float, float] = (0.0, 25.0)) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` 1 s windows cut at random offsets from 2 s recordings of up to two words.
+
+    These are the windows a streaming spotter sees: a keyword wholly inside labels the window
+    with the keyword; a keyword partly inside (more than 40 % of it) marks the window
+    ``IGNORE``; other speech makes it unknown, none silence.
+    """
+    clips = np.zeros((batch, SAMPLE_RATE), np.float32)
+    labels = np.zeros(batch, np.int64)
+    n = 2 * SAMPLE_RATE
+    for i in range(batch):
+        bg = noise(n, rng, u)
+        speech = np.zeros(n, np.float32)
+        words, t = [], int(rng.integers(0, SAMPLE_RATE // 4))
+        for _ in range(2):
+            label = int(rng.integers(len(KEYWORDS))) if rng.random() < 0.6 else UNKNOWN
+            a = u.audio[int(rng.choice(u.of_class(label)))]
+            if t + len(a) > n:
+                break
+            speech[t:t + len(a)] = a * rng.uniform(0.3, 1.0)
+            words.append((t, t + len(a), label))
+            t += len(a) + int(rng.integers(SAMPLE_RATE // 10, SAMPLE_RATE // 2))
+        x = mix(speech, bg, float(rng.uniform(*snr_range)))
+        start = int(rng.integers(0, n - SAMPLE_RATE + 1))
+        label = SILENCE
+        for s, e, c in words:
+            cover = (min(e, start + SAMPLE_RATE) - max(s, start)) / (e - s)
+            if cover <= 0:
+                continue
+            if c == UNKNOWN or cover <= 0.4:
+                label = UNKNOWN if label == SILENCE else label
+            elif cover >= 1.0 and label in (SILENCE, UNKNOWN):
+                label = c
+            else:
+                label = IGNORE
+                break
+        w = x[start:start + SAMPLE_RATE]
+        clips[i] = w * 10 ** (rng.uniform(-40.0, 0.0) / 20.0) / max(1e-6, float(np.abs(w).max()))
+        labels[i] = label
+    return clips, labels
+
+
 @dataclass
 class Stream:
     """A long recording and its events: sample start/end and class of every spoken word."""

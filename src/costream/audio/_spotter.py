@@ -9,6 +9,7 @@ gives the output of the 1 s window ending at that hop, computed continually.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,9 @@ class Detector:
         self.armed = {k: True for k in self.keywords}
         self.t = 0
 
-    def update(self, probs: Tensor) -> list[int]:
-        """Posteriors of one hop ``(n_classes,)``; returns the keywords detected at this hop."""
+    def update(self, probs: Tensor | Sequence[float]) -> list[int]:
+        """Posteriors of one hop ``(n_classes,)`` (a tensor or a sequence of floats); returns
+        the keywords detected at this hop."""
         fired = []
         for k in self.keywords:
             if float(probs[k]) < self.threshold:
