@@ -146,3 +146,24 @@ def test_a_full_replica_refuses_a_stream_and_forgets_it():
             await router.stop()
 
     asyncio.run(go())
+
+
+def test_failover_from_snapshot_files(tmp_path):
+    """Snapshots written to a directory (shared storage) instead of returned as bytes."""
+    build, shape = NETS["strided"]
+    net = build()
+    pool = LocalPool(module=net, capacity=40, frame_shape=shape, dtype=torch.float64,
+                     snapshot_dir=str(tmp_path))
+    router = StreamRouter(pool, replicas=2, batch_window_s=0.002, snapshot_every_s=0.0)
+    script = Script(12, 20, shape, seed=4)
+
+    async def kill(t):
+        if t == 12:
+            snaps = [s.snap for s in router.streams.values() if s.snap is not None]
+            assert snaps and all(x[0].path and x[0].data is None for x in snaps)
+            router.kill(0)
+
+    got = asyncio.run(_run(router, script, kill))
+    assert assert_same(got, solo(net, script)) > 10
+    assert len(router.recoveries) == 1
+    assert sorted(p.name for p in tmp_path.iterdir())[:2] == ["replica-0-0.pt", "replica-0-1.pt"]

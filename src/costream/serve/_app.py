@@ -90,6 +90,20 @@ def resolve_model(model: Any, frame_shape: tuple[int, ...] | None
     return model.eval(), tuple(frame_shape)
 
 
+async def _answer(call: Any) -> Any:
+    """Await ``call``; a refused frame, an unknown stream or a full app becomes an HTTP error
+    with its one-line message (422/400, 404, 503). Defined before the ingress class: the
+    routes it serves do not see names defined after it."""
+    try:
+        return await call
+    except FrameError as err:
+        raise HTTPException(err.status, str(err)) from err
+    except KeyError as err:
+        raise HTTPException(404, err.args[0]) from err
+    except RuntimeError as err:
+        raise HTTPException(503, str(err)) from err
+
+
 api = FastAPI(title="costream streams")
 
 
@@ -166,33 +180,26 @@ class StreamIngress:
     # ------------------------------------------------------------------ HTTP
     @api.post("/streams")
     async def http_open(self) -> dict[str, Any]:
-        return {"stream": await self.open(), **await self.ready()}
+        return {"stream": await _answer(self.open()), **await self.ready()}
 
     @api.post("/streams/{key}/frames")
     async def http_frame(self, key: str, request: Request, dtype: str | None = None,
                          shape: str | None = None) -> dict[str, Any]:
-        try:
-            frame = decode_frame(await request.body(), dtype=dtype, shape=shape)
-            return encode_output(await self.send(key, frame))
-        except FrameError as err:
-            raise HTTPException(err.status, str(err)) from err
-        except KeyError as err:
-            raise HTTPException(404, err.args[0]) from err
+        body = await request.body()
+        return encode_output(await _answer(self._send_bytes(key, body, dtype, shape)))
+
+    async def _send_bytes(self, key: str, body: bytes, dtype: str | None,
+                          shape: str | None) -> torch.Tensor | None:
+        return await self.send(key, decode_frame(body, dtype=dtype, shape=shape))
 
     @api.post("/streams/{key}/reset")
     async def http_reset(self, key: str) -> dict[str, Any]:
-        try:
-            await self.reset(key)
-        except KeyError as err:
-            raise HTTPException(404, err.args[0]) from err
+        await _answer(self.reset(key))
         return {"stream": key, "reset": True}
 
     @api.delete("/streams/{key}")
     async def http_close(self, key: str) -> dict[str, Any]:
-        try:
-            await self.close(key)
-        except KeyError as err:
-            raise HTTPException(404, err.args[0]) from err
+        await _answer(self.close(key))
         return {"stream": key, "closed": True}
 
     @api.websocket("/streams/{key}/ws")
@@ -206,8 +213,7 @@ class StreamIngress:
             while True:
                 body = await ws.receive_bytes()
                 try:
-                    out = encode_output(await self.send(key, decode_frame(body, dtype=dtype,
-                                                                          shape=shape)))
+                    out = encode_output(await self._send_bytes(key, body, dtype, shape))
                 except FrameError as err:
                     out = {"error": str(err), "status": err.status}
                 except KeyError as err:
