@@ -481,3 +481,40 @@ def test_pruning_a_converted_graph_keeps_it_exact():
     with pytest.raises(ValueError, match="weight norm"):
         prune(cs.continual(TCN(weight_norm_new), example=torch.randn(1, 3, 12)),
               torch.randn(1, 3, 12), "l1", density=0.5)
+
+
+class StridedResidual(nn.Module):
+    """Temporal stride 2 with a 1x1 strided shortcut: the branches' frames arrive one step
+    apart (a delay that is not a multiple of the stride)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(4, 6, 3, stride=2, padding=1)
+        self.b = nn.Conv1d(6, 6, 3, padding=1)
+        self.sc = nn.Conv1d(4, 6, 1, stride=2)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))) + self.sc(x))
+
+
+class GatedChunks(nn.Module):
+    """``chunk`` into a tuple of streams, a GLU, and sizes read from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=2)
+        self.proj = nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x):
+        h = self.conv(x)[..., :-2]
+        a, b = h.chunk(2, dim=1)
+        g = a * torch.sigmoid(b) + F.glu(h, dim=1)
+        y = self.norm(self.proj(g.permute(0, 2, 1)))  # (B, T, C): features last
+        return y.transpose(1, 2).reshape(x.size(0), 5, -1)
+
+
+@pytest.mark.parametrize("model", [StridedResidual, GatedChunks])
+def test_everyday_blocks(model):
+    torch.manual_seed(0)
+    _exact(model(), torch.randn(2, 4, 21))

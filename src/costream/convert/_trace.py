@@ -225,6 +225,10 @@ class _Builder:
     def _axis(self, fxn: fx.Node) -> int | str | None:
         """The time axis of ``fxn``'s value; None: none; "merged": time mixed into others."""
         a, b = self.v1.get(fxn), self.v2.get(fxn)
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b) \
+                and a and all(isinstance(v, Tensor) for v in (*a, *b)):
+            axes = tuple(_tensor_axis(u, v) for u, v in zip(a, b))
+            return "merged" if "merged" in axes else axes
         if isinstance(a, Tensor) and isinstance(b, Tensor):
             if a.dim() != b.dim():
                 return "merged"
@@ -435,6 +439,10 @@ class _Builder:
         if t is operator.getitem and len(streams) == 1 and isinstance(src.time_axis, int):
             if self._slice(fxn, src):
                 return
+        if t is operator.getitem and isinstance(src.time_axis, tuple) and \
+                isinstance(fxn.args[1], int):  # one tensor of a tuple (chunk, split, ...)
+            self._fn(fxn, streams, fast=True, time_axis=src.time_axis[fxn.args[1]])
+            return
         if (t is F.pad or name == "pad") and len(streams) == 1 and isinstance(src.time_axis,
                                                                                int):
             if self._pad(fxn, src):
@@ -506,12 +514,12 @@ class _Builder:
             raise _Block(reason)
         self._fn(fxn, streams, fast=fast, time_axis=axis)
 
-    def _pointwise_on_example(self, fxn: fx.Node, timed: list[Node], axis: int) -> bool:
+    def _pointwise_on_example(self, fxn: fx.Node, timed: list[Node], axis: Any) -> bool:
         out = self.v1[fxn]
-        length = out.shape[axis]
+        length = _narrowed(out, axis, None)
         inputs = {a: self.nodes[self.index[a]] for a in fxn.all_input_nodes}
         for a, n in inputs.items():
-            if n in timed and self.v1[a].shape[n.time_axis] != length:
+            if n in timed and _narrowed(self.v1[a], n.time_axis, None) != length:
                 return False
         fn = self._callable(fxn)
         for t in sorted({0, length // 2, length - 1}):
@@ -519,23 +527,21 @@ class _Builder:
                 n = inputs[a]
                 v = self.v1[a]
                 if n in timed:
-                    return v.narrow(n.time_axis, t, 1)
+                    return _narrowed(v, n.time_axis, t)
                 return v
             try:
                 with torch.no_grad():
                     y = fn(*fx.node.map_arg(fxn.args, pick), **fx.node.map_arg(fxn.kwargs, pick))
             except Exception:
                 return False
-            ref = out.narrow(axis, t, 1)
-            if not isinstance(y, Tensor) or y.shape != ref.shape:
-                return False
-            if y.is_floating_point():
-                tol = 1e-10 if y.dtype == torch.float64 else 1e-4
-                scale = float(ref.abs().max()) if ref.numel() else 1.0
-                scale = 1.0 if scale != scale else max(1.0, scale)  # NaN-safe
-                if not torch.allclose(y, ref, rtol=tol, atol=tol * scale, equal_nan=True):
+            ref = _narrowed(out, axis, t)
+            if isinstance(ref, tuple):
+                if not isinstance(y, (tuple, list)) or len(y) != len(ref):
                     return False
-            elif not torch.equal(y, ref):
+                if not all(_close(u, v) for u, v in zip(y, ref)):
+                    return False
+                continue
+            if not _close(y, ref):
                 return False
         return True
 
@@ -545,6 +551,9 @@ class _Builder:
         if time_axis == "auto":
             time_axis = None if virtual else self._axis(fxn)
         call = fn if fn is not None else self._callable(fxn)
+        meta = [s for s in streams if s.kind == "fn" and s.time_axis is None and not s.virtual]
+        if len(meta) < len(streams):  # sizes and other values without time do not gate
+            streams = [s for s in streams if s not in meta]
         n = self._add(fxn, "fn", fn=frame_fn if fast and frame_fn is not None else call,
                       args=args, kwargs=kwargs, streams=[s.index for s in streams],
                       fast=fast, time_axis=time_axis, virtual=virtual)
@@ -780,6 +789,35 @@ def _remap(obj: Any, new: dict[int, int]) -> Any:
     if isinstance(obj, slice):
         return slice(_remap(obj.start, new), _remap(obj.stop, new), _remap(obj.step, new))
     return obj
+
+
+def _narrowed(v: Any, axis: Any, t: int | None) -> Any:
+    """Frame ``t`` (kept as a length-1 axis) of a value, or its length with ``t=None``."""
+    if isinstance(axis, tuple):
+        if t is None:
+            return next(e.shape[a] for e, a in zip(v, axis) if a is not None)
+        return tuple(e.narrow(a, t, 1) if a is not None else e for e, a in zip(v, axis))
+    return v.shape[axis] if t is None else v.narrow(axis, t, 1)
+
+
+def _close(y: Any, ref: Tensor) -> bool:
+    if not isinstance(y, Tensor) or y.shape != ref.shape:
+        return False
+    if y.is_floating_point():
+        tol = 1e-10 if y.dtype == torch.float64 else 1e-4
+        scale = float(ref.abs().max()) if ref.numel() else 1.0
+        scale = 1.0 if scale != scale else max(1.0, scale)  # NaN-safe
+        return torch.allclose(y, ref, rtol=tol, atol=tol * scale, equal_nan=True)
+    return torch.equal(y, ref)
+
+
+def _tensor_axis(a: Tensor, b: Tensor) -> int | str | None:
+    if a.dim() != b.dim():
+        return "merged"
+    diff = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+    if not diff:
+        return None
+    return diff[0] if len(diff) == 1 else "merged"
 
 
 def _dims_of(idx: tuple, ndim: int) -> list[int]:

@@ -127,6 +127,7 @@ class Graph(CoModule):
         self.time_dim = time_dim
         self._spec = input_spec
         self._virtual = any(n.virtual for n in self._nodes)
+        self._meta: dict[int, Any] = {}  # last values of nodes without time (e.g. sizes)
         # clips (B, T) without a channel axis step as frames (B, 1): the contract's (B, C, T)
         self._flat = time_dim == 1 and input_spec[0] == 1
         if self._flat:
@@ -254,12 +255,14 @@ class Graph(CoModule):
 
         def as_clip(i: int) -> Any:
             v = value(i)
-            ta = nodes[i].time_axis
-            return v.unsqueeze(ta) if ta is not None and isinstance(v, Tensor) else v
+            if v is None:  # a size or other value without time, computed at an earlier step
+                return self._meta.get(i)
+            return _with_axis(v, nodes[i].time_axis, True)
 
         y = n.fn(*_map(n.args, as_clip), **_map(n.kwargs, as_clip))
-        if n.time_axis is not None and isinstance(y, Tensor):
-            return y.squeeze(n.time_axis)
+        y = _with_axis(y, n.time_axis, False)
+        if n.time_axis is None and not n.virtual:
+            self._meta[n.index] = y
         return y
 
     def _apply_chunk(self, n: Node, value: Callable[[int], Any]) -> Any:
@@ -496,9 +499,24 @@ def _next_index(age: Age, phase: int, g: Temporal) -> tuple[Age, int]:
 def _length(v: Any, n: Node) -> int:
     if n.virtual:
         return len(v)
+    if isinstance(n.time_axis, tuple):
+        return next(e.shape[a] for e, a in zip(v, n.time_axis) if a is not None)
     if n.time_axis is None or not isinstance(v, Tensor):
         return 1
     return v.shape[n.time_axis]
+
+
+def _with_axis(v: Any, axis: Any, insert: bool) -> Any:
+    """Insert (or remove) the length-1 time axis of a frame (or of each tensor of a tuple)."""
+    if axis is None:
+        return v
+    if isinstance(axis, tuple):
+        if isinstance(v, (tuple, list)):
+            return tuple(_with_axis(e, a, insert) for e, a in zip(v, axis))
+        return v
+    if not isinstance(v, Tensor):
+        return v
+    return v.unsqueeze(axis) if insert else v.squeeze(axis)
 
 
 def mirror(source: nn.Module, leaves: dict[str, nn.Module], root: nn.Module) -> None:
