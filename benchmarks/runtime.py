@@ -179,7 +179,7 @@ def bench_backends(name: str, repeats: int, inner: int, threads: int) -> dict[st
         # no spin-waiting: spinning threads would take the cores from the torch steps
         # measured right after them
         runner = OnnxStreamRunner(path, threads=threads, spin=False)
-        step = compile_step(net)
+        step = compile_step(net, force=True)  # inductor on the CPU (no eager fallback)
         state = net.init_state(1, frame)
         diffs = {"compiled": 0.0, "onnxruntime": 0.0}
         with torch.inference_mode():

@@ -55,7 +55,7 @@ def test_deployment_guide_runs(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     page = ROOT / "docs" / "deployment.md"
     blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(page), "exec"), namespace)

@@ -168,6 +168,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=_shape, default=(1, 2, 4), metavar="F,F,...",
                    help="window lengths for --plot, as multiples of each clip (default 1,2,4)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs")
+    p.add_argument("--backend", default="eager",
+                   choices=("eager", "compiled", "onnxruntime", "openvino"),
+                   help="what runs the timed steps (default eager; compiled falls back to "
+                        "eager on a CPU, see compile_step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_options(p)
 
@@ -198,7 +202,8 @@ def _bench(args: argparse.Namespace) -> int:
                          device=args.device, steps=args.steps, progress=not args.no_progress,
                          frame_shape=args.frame_shape,
                          window_factors=args.windows if args.plot else (), seed=args.seed,
-                         temporal_window=args.temporal_window, trust=args.trust)
+                         temporal_window=args.temporal_window, trust=args.trust,
+                         backend=args.backend)
     except WorkloadError as err:
         raise UsageError(str(err)) from err
     elapsed = time.perf_counter() - t0

@@ -182,8 +182,43 @@ def _warm_stream(net: nn.Module, clip_shape: tuple[int, ...],
     return [clip[:, :, t] for t in range(clip.shape[2])]
 
 
+def _backend_latency(net: nn.Module, w: Workload, x: Tensor, backend: str, steps: int,
+                     budget_s: float) -> dict[str, Any]:
+    """Step ``x`` through ``backend`` (see :func:`costream.runtime.make_step`) from a fresh
+    state, compare its due outputs with ``net(x)``, then time steady-state stride steps:
+    ``step_ms`` (median milliseconds per frame), ``backend_max_abs_diff``, ``backend_exact``."""
+    from ..runtime import make_step
+
+    step = make_step(net, backend, frame_shape=w.frame_shape, dtype=x.dtype)
+    stride, delay = net.temporal.stride, net.temporal.delay
+    state = net.init_state(x.shape[0], w.frame_shape, device=x.device, dtype=x.dtype)
+    outs = []
+    for t in range(0, x.shape[2] - stride + 1, stride):
+        y, state = step(x[:, :, t: t + stride], state)
+        if int(state["age"].min()) - stride + (delay % stride) >= delay:  # due (not filler)
+            outs.append(y)
+    got = torch.stack(outs, 2)
+    want = net(x)[:, :, : got.shape[2]]
+    tol = tolerances(x.dtype)
+    diff = (got - want).abs()
+    chunks = [x[:, :, t: t + stride] for t in range(0, x.shape[2] - stride + 1, stride)]
+    i = 0
+
+    def block() -> None:
+        nonlocal i, state
+        _, state = step(chunks[i % len(chunks)], state)
+        i += 1
+
+    times = _timed(block, x.device, max(1, steps // stride), budget_s, minimum=min(5, steps))
+    return {"step_ms": statistics.median(times) / stride * 1e3,
+            "backend_max_abs_diff": float(diff.max()),
+            "backend_exact": bool((diff <= tol["atol"] + tol["rtol"] * want.abs()).all()),
+            "compiled": bool(getattr(step, "compiled", False))}
+
+
 def _measure(w: Workload, batch_size: int, steps: int, device: torch.device,
-             window_factors: Sequence[int], stage: Callable[[str], None]) -> dict[str, Any]:
+             window_factors: Sequence[int], stage: Callable[[str], None],
+             backend: str = "eager") -> dict[str, Any]:
     net = w.net.to(device).eval()
     geom = net.temporal
     stride = geom.stride
@@ -215,7 +250,12 @@ def _measure(w: Workload, batch_size: int, steps: int, device: torch.device,
     row["state_bytes"] = state_bytes(net)
 
     stage(f"{steps} steps")
-    row["step_ms"] = _step_latency(net, frames, device, steps, budget_s=3.0)
+    row["backend"] = backend
+    if backend == "eager":
+        row["step_ms"] = _step_latency(net, frames, device, steps, budget_s=3.0)
+    else:
+        row.update(_backend_latency(net, w, x, backend, steps, budget_s=3.0))
+        row["exact"] = row["exact"] and row["backend_exact"]
     net.reset_state()
 
     stage("offline clip")
@@ -265,6 +305,7 @@ def run_bench(
     seed: int = 0,
     temporal_window: int | None = None,
     trust: bool = False,
+    backend: str = "eager",
 ) -> list[dict[str, Any]]:
     """Benchmark continual models against their offline computation; one result per model.
 
@@ -286,6 +327,10 @@ def run_bench(
             attention (passed to :func:`costream.continual`).
         trust: run the builder that a ``costream convert`` file names (see
             :func:`load_converted`); without it such files are refused.
+        backend: what runs the timed steps (:data:`costream.runtime.BACKENDS`): ``"eager"``
+            ``forward_step`` (default), or the stride step of
+            :func:`costream.runtime.make_step`, whose stepped outputs are also compared with
+            the offline run (``backend_max_abs_diff``; ``exact`` covers both).
 
     Raises:
         WorkloadError: a model that cannot be built; :class:`FrameShapeError` if it fails on
@@ -314,6 +359,10 @@ def run_bench(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    from ..runtime._backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -340,7 +389,8 @@ def run_bench(
             torch.manual_seed(seed)
             try:
                 with torch.inference_mode():
-                    row = _measure(w, batch_size, steps, dev, window_factors, stage)
+                    row = _measure(w, batch_size, steps, dev, window_factors, stage,
+                                   backend)
             except FrameShapeError as err:
                 raise FrameShapeError(f"{label} {err}") from err.__cause__
             seconds = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -39,9 +40,43 @@ def _row_major(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+#: Why :func:`compile_step` steps eagerly on a CPU unless forced (measured, see the docs).
+CPU_FALLBACK_REASON = (
+    "torch.compile'd steps measured slower than eager stepping on the CPU, even with the "
+    "weights frozen into the graph as constants (benchmarks/results/compiled_step.md); "
+    "compile_step(..., force=True) compiles anyway")
+
+
+class CompiledStep:
+    """A compiled stride step; ``compiled`` is True, ``reason`` None (see :class:`EagerStep`
+    for the eager fallback, which has the same attributes)."""
+
+    backend = "compiled"
+
+    def __init__(self, fn: Callable[[Any, dict], tuple[Any, dict]], rnn: bool) -> None:
+        self.fn = fn
+        self.compiled = True
+        self.reason: str | None = None
+        self._rnn = rnn
+
+    def __call__(self, x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if self._rnn:
+            with torch._dynamo.config.patch(allow_rnn=True):
+                return self.fn(x, state)
+        return self.fn(x, state)
+
+
+def _on_cpu(module: nn.Module) -> bool:
+    ref = next(module.parameters(), None)
+    if ref is None:
+        ref = next(module.buffers(), None)
+    return ref is None or ref.device.type == "cpu"
+
+
 def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool = True,
-                 backend: str | Callable = "inductor",
-                 dynamic: bool | None = False) -> Callable[[Any, dict], tuple[Any, dict]]:
+                 backend: str | Callable = "inductor", dynamic: bool | None = False,
+                 freeze: bool = True, force: bool = False) -> Callable[[Any, dict],
+                                                                       tuple[Any, dict]]:
     """``torch.compile`` :meth:`CoModule.step_stride` (one output per ``stride`` frames).
 
     Args:
@@ -51,22 +86,30 @@ def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool =
         backend: the ``torch.compile`` backend.
         dynamic: ``torch.compile``'s dynamic-shape option (default ``False``: a batch size
             or frame size met later compiles a graph of its own).
+        freeze: with inductor and no ``mode``, freeze the parameters into the graph as
+            constants (inductor's ``freezing``): kernels derived from the weights are computed
+            once at compile time, not on every call. Compile again after changing weights.
+        force: compile with inductor on a CPU too. Without it, a module on the CPU gets the
+            eager step (:class:`EagerStep`) and a ``RuntimeWarning`` that says why
+            (:data:`CPU_FALLBACK_REASON`): compiled CPU steps measured slower than eager ones.
 
     The returned function has the signature of ``step_stride``:
     ``(frames (B, C, stride, ...), state) -> (y, state)``, starting from
-    :meth:`CoModule.init_state`. Every module gets its own compiled code, so any number of
-    modules can be compiled in one process. Modules holding an ``nn.RNN``/``LSTM``/``GRU`` are
-    traced with ``torch._dynamo.config.allow_rnn`` switched on for their calls only.
+    :meth:`CoModule.init_state`. Its attribute ``compiled`` says which path was taken and
+    ``reason`` why a fallback happened (``None`` when compiled). Every module gets its own
+    compiled code, so any number of modules can be compiled in one process. Modules holding
+    an ``nn.RNN``/``LSTM``/``GRU`` are traced with ``torch._dynamo.config.allow_rnn``
+    switched on for their calls only.
 
     Example:
         >>> import torch, costream as cs
         >>> from costream.runtime import compile_step
         >>> net = cs.Sequential(cs.Conv1d(2, 4, 3, padding=1), torch.nn.ReLU())
-        >>> step = compile_step(net)
+        >>> step = compile_step(net, backend="eager")  # dynamo's graph, run eagerly
         >>> state = net.init_state(1)
         >>> y, state = step(torch.randn(1, 2, 1), state)
-        >>> y.shape
-        torch.Size([1, 4])
+        >>> y.shape, step.compiled
+        (torch.Size([1, 4]), True)
     """
     if not isinstance(module, CoModule):
         raise TypeError(f"compile_step needs a continual module (use costream.continual "
@@ -74,13 +117,14 @@ def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool =
     if not getattr(module, "streamable", True):
         raise ValueError(f"{type(module).__name__} is an offline model (streamable=False): "
                          f"it has no step function to compile")
+    inductor = backend == "inductor"
+    if inductor and not force and _on_cpu(module):
+        from ._backends import EagerStep
+
+        warnings.warn(f"compile_step runs the eager step: {CPU_FALLBACK_REASON}",
+                      RuntimeWarning, stacklevel=2)
+        return EagerStep(module, reason=CPU_FALLBACK_REASON)
+    options = {"freezing": True} if inductor and freeze and mode is None else None
     compiled = torch.compile(_stride_step(module), mode=mode, fullgraph=fullgraph,
-                             backend=backend, dynamic=dynamic)
-    if not any(isinstance(m, nn.RNNBase) for m in module.modules()):
-        return compiled
-
-    def rnn_step(x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        with torch._dynamo.config.patch(allow_rnn=True):
-            return compiled(x, state)
-
-    return rnn_step
+                             backend=backend, dynamic=dynamic, options=options)
+    return CompiledStep(compiled, any(isinstance(m, nn.RNNBase) for m in module.modules()))

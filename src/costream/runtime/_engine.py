@@ -34,6 +34,9 @@ class StreamEngine:
             a module with parameters needs its own). Frames must match them.
         max_batch: streams per batched call (default: all of them in one call). Slots
             ``[k * max_batch, (k + 1) * max_batch)`` form block ``k``.
+        backend: what runs the batched step: ``"eager"`` (default), ``"compiled"``,
+            ``"onnxruntime"`` or ``"openvino"`` (see :func:`costream.runtime.make_step`;
+            the others step networks of temporal stride 1).
 
     Example:
         >>> import torch, costream as cs
@@ -49,7 +52,8 @@ class StreamEngine:
 
     def __init__(self, module: CoModule, capacity: int, frame_shape: tuple[int, ...], *,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, max_batch: int | None = None) -> None:
+                 dtype: torch.dtype | None = None, max_batch: int | None = None,
+                 backend: str = "eager") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if max_batch is not None and max_batch < 1:
@@ -78,6 +82,8 @@ class StreamEngine:
         self._stride = module.temporal.stride
         self._delay = module.temporal.delay
         self._warm_up = module._total_delay()
+        self.backend = backend
+        self._stepper = None if backend == "eager" else self._backend_step(backend)
 
     # ------------------------------------------------------------------ slots
     def open(self) -> int:
@@ -136,10 +142,10 @@ class StreamEngine:
             tree = self._blocks[block]
             lo = block * self.max_batch
             if len(ids) == min(self.max_batch, self.capacity - lo):  # the whole block: as it is
-                y, self._blocks[block], _, _ = self.module._step(x, tree, ages, phase)
+                y, self._blocks[block] = self._call(x, tree, ids, ages, phase)
             else:
                 idx = torch.tensor([i - lo for i in ids], device=self.device)
-                y, sub, _, _ = self.module._step(x, tree_index(tree, idx), ages, phase)
+                y, sub = self._call(x, tree_index(tree, idx), ids, ages, phase)
                 tree_index_copy(tree, idx, sub)
             rows = None if y is None else y.unbind(0)  # one call, not one index per stream
             for j, sid in enumerate(ids):
@@ -147,6 +153,25 @@ class StreamEngine:
                 out[sid] = rows[j] if due else None
                 self._age[sid] += 1
         return out
+
+    def _call(self, x: Tensor, tree: State, ids: list[int], ages: int | Tensor | None,
+              phase: int) -> tuple[Tensor | None, State]:
+        """One batched step of streams ``ids`` (state ``tree``) by the engine's backend."""
+        if self._stepper is None:
+            y, tree, _, _ = self.module._step(x, tree, ages, phase)
+            return y, tree
+        age = torch.tensor([self._age[i] for i in ids], device=self.device)
+        y, state = self._stepper(x.unsqueeze(2), {"tree": tree, "age": age, "phase": 0})
+        return y, state["tree"]
+
+    def _backend_step(self, backend: str):
+        from ._backends import make_step
+
+        if self._stride != 1:
+            raise ValueError(f"the {backend} backend steps networks of temporal stride 1 in "
+                             f"the engine (this one has stride {self._stride}); use the "
+                             f"eager backend")
+        return make_step(self.module, backend, frame_shape=self.frame_shape, dtype=self.dtype)
 
     def _ages(self, ids: list[int]) -> int | Tensor | None:
         """The ``age`` the module's step gets for streams ``ids`` (see ``costream.core``):
