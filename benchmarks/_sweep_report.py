@@ -1,0 +1,90 @@
+"""Markdown page of the sweep benchmark (``sweep.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMES = {"tcn": "TCN", "cnn3d": "3D CNN", "transformer": "Transformer"}
+
+
+def _us(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def _macs(v: float) -> str:
+    return f"{v / 1e9:.2f} G" if v >= 1e9 else (f"{v / 1e6:.2f} M" if v >= 1e6
+                                                 else f"{v / 1e3:.1f} K")
+
+
+def _check(c: dict[str, Any], dense: bool) -> str:
+    text = f"{c['costream_vs_anchor']:.1e}" + ("" if c["equals_anchor"] else " (differs)")
+    if "anchor_vs_model" in c:
+        text += f"; vs model {c['costream_vs_model']:.1e} (anchor {c['anchor_vs_model']:.1e})"
+    return text + ("; dense anchor" if dense else "")
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Sweep: costream vs continual-inference vs sliding window on drawn workloads", "",
+        f"Command: `{report['command']}`", "",
+        f"Machine: {m['cpu_model']}, {m['logical_cpus']} logical CPUs; torch {m['torch']}, "
+        f"continual-inference {m['continual_inference']}, costream {m['costream']}, Python "
+        f"{m['python']}; load average at start {m['loadavg_at_start']}; {m['date_utc']} UTC; "
+        f"{report['elapsed_s']:.0f} s. Workloads drawn with seed {report['seed']}; batch 1, "
+        "float32, eval, `torch.inference_mode()`.", "",
+        "Peaks measured in this run: " + "; ".join(
+            f"{t} thread(s): GEMM {p['gemm_gmacs']:.1f} GMAC/s, copy bandwidth "
+            f"{p['bandwidth_gbs']:.1f} GB/s" for t, p in report["peaks"].items()) + ".", "",
+        "## Per family: anchor / costream (eager `forward_step`; in brackets the fastest "
+        "backend)", "",
+        "| family | threads | workloads | median | worst | median (best backend) | "
+        "worst (best backend) | target median | met (and no workload < 3x) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, s in report["summary"].items():
+        fam, t = key.split("/")
+        lines.append(f"| {NAMES[fam]} | {t} | {s['workloads']} | {s['median']:.2f}x | "
+                     f"{s['worst']:.2f}x | {s['median_best_backend']:.2f}x | "
+                     f"{s['worst_best_backend']:.2f}x | {s['target']:g}x | "
+                     f"{'yes' if s['met'] else 'NO'} |")
+    backends = [b for b in report["backends"] if b != "eager"]
+    lines += [
+        "", "## Per workload", "",
+        "Latency: median µs per step, implementations interleaved in blocks (order rotating). "
+        "costream = eager `forward_step`; " + ", ".join(backends) + " = costream's exported "
+        "step (`make_step`). GMAC/s: MACs per step / costream's eager step. Floor: "
+        "max(MACs / peak GEMM rate, bytes / bandwidth) (bytes: parameters once, state read "
+        "and written, frame, output); floor % = floor / fastest costream step. Per layer: "
+        "(fastest step - floor) / conv, linear and attention layers: the fixed cost per "
+        "layer that bounds steps far from the floor. Check: max abs difference of "
+        "costream's stepped outputs from the anchor's (and, for Transformers, from the torch "
+        "encoder on each window); dense anchor: the anchor holds dilated kernels densely "
+        "(continual-inference has no temporal dilation).", "",
+        "| workload | threads | costream | anchor | window | " + " | ".join(backends)
+        + " | anchor / costream | window / costream | best | anchor / best | MACs | GMAC/s "
+        "| floor µs (bound) | floor % | per layer µs | other load | check |",
+        "|---|---|---|---|---|" + "---|" * len(backends) + "---|---|---|---|---|---|---|---"
+        "|---|---|---|",
+    ]
+    for r in report["rows"]:
+        for t, res in r["timing"].items():
+            lat = res["latency_us"]
+            cells = " | ".join(_us(lat[k]) for k in ["costream", "anchor", "window",
+                                                     *backends])
+            lines.append(
+                f"| {r['name']} | {t} | {cells} | {res['anchor_over_costream']:.2f}x | "
+                f"{res['window_over_costream']:.2f}x | {res['best_backend']} | "
+                f"{res['anchor_over_best']:.2f}x | {_macs(r['static']['macs'])} | "
+                f"{res['gmacs_costream']:.1f} | {_us(res['floor_us'])} ({res['floor_bound']}) "
+                f"| {100 * res['floor_fraction']:.0f} % | {res['overhead_per_layer_us']:.1f} | "
+                f"{res['other_processes_cpus'] or 0:.2f} | "
+                f"{_check(r['check'], r['dense_anchor'])} |")
+    lines += ["", "## Workloads", ""]
+    for r in report["rows"]:
+        p = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"- `{r['name']}` ({NAMES[r['family']]}): {p}; "
+                     f"{r['static']['layers']} layers, parameters "
+                     f"{r['static']['param_bytes'] / 2**20:.2f} MiB, state "
+                     f"{r['static']['state_bytes'] / 2**10:.1f} KiB.")
+    return "\n".join(lines) + "\n"

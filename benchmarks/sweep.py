@@ -1,0 +1,300 @@
+"""Sweep benchmark: costream against continual-inference 1.2.4 and a sliding window on workloads
+drawn from a fixed seed, with the roofline floor of every step.
+
+Workloads (``_sweep_workloads.py``): TCNs (channels 32-512, kernel 2-7, dilation 1-4, 4-12
+layers, with and without residual blocks), 3D CNNs (channels 16-96, frames 32-128 px, temporal
+kernel 3 or 5, spatial strides, with and without batch norm) and Transformer encoders (d
+128-768, 2-12 heads, window 16-128, 1-4 layers), batch 1, float32, eval mode,
+``torch.inference_mode()``. Every workload is checked first: costream's and the anchor's
+stepped outputs against the torch model on the window clip, and against each other (1e-4).
+
+Timed side by side, interleaved in blocks (order rotating per repeat): costream's
+``forward_step`` (eager), the anchor's ``forward_step``, the sliding window (the torch model on
+a buffer shifted by one frame) and costream's step in onnxruntime and OpenVINO
+(``costream.runtime.make_step``, one exported graph per workload). Per workload: the latency
+ratios, MACs per step (matrix products and convolutions, ``FlopCounterMode``), achieved GMAC/s
+and the roofline floor ``max(MACs / peak GEMM rate, bytes / memory bandwidth)`` with both
+rates measured in the same run at the same thread count (bytes: parameters read once, the
+state read and written, the frame and the output); ``floor / fastest step`` is the fraction
+of the physical limit reached.
+
+Usage::
+
+    python benchmarks/sweep.py                 # 30 workloads, 1 and 2 threads -> sweep.{json,md}
+    python benchmarks/sweep.py --quick         # 3 tiny workloads, 1 thread -> sweep_quick.*
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import continual
+import torch
+from _common import OtherLoad, machine, write_report
+from _sweep_report import to_markdown
+from _sweep_workloads import FAMILIES, QUICK, Spec, build, draw
+from torch import Tensor, nn
+from transformer import counted_macs
+
+from core import SlidingWindow, reset, state_bytes
+from core import verify as verify_clip
+from costream.export import export_onnx
+from costream.runtime import make_step
+
+COUNTS = {"tcn": 12, "cnn3d": 9, "transformer": 9}
+TARGETS = {"tcn": 8.0, "cnn3d": 6.0, "transformer": 4.0}  # median anchor / costream
+FLOOR_RATIO = 3.0  # no workload below
+
+
+# ---------------------------------------------------------------------------- machine peaks
+def peaks(threads: int, quick: bool) -> dict[str, float]:
+    """Peak float32 GEMM rate (GMAC/s) and memory copy bandwidth (GB/s) at ``threads``."""
+    torch.set_num_threads(threads)
+    n = 512 if quick else 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3 if quick else 6))
+    size = (1 << 22) if quick else (1 << 25)  # float32 elements: 16 MiB / 128 MiB
+    src, dst = torch.randn(size), torch.empty(size)
+    bw = min(_seconds(lambda: dst.copy_(src)) for _ in range(3 if quick else 6))
+    return {"gemm_gmacs": n ** 3 / best / 1e9, "bandwidth_gbs": 2 * 4 * size / bw / 1e9}
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------- checks
+class _Window:
+    """Sliding window for a Transformer encoder: the newest token's output."""
+
+    def __init__(self, model: nn.Module, clip: Tensor, n: int) -> None:
+        self.model, self.buffer = model, clip[:, :, :n].transpose(1, 2).contiguous()
+
+    def forward_step(self, token: Tensor) -> Tensor:
+        self.buffer = torch.cat((self.buffer[:, 1:], token.unsqueeze(1)), 1)
+        return self.model(self.buffer)[:, -1]
+
+
+def _stepped(module: nn.Module, clip: Tensor) -> list[Tensor | None]:
+    reset(module)
+    with torch.inference_mode():
+        out = [module.forward_step(clip[:, :, t]) for t in range(clip.shape[2])]
+    reset(module)
+    return out
+
+
+def check(spec: Spec, b: dict[str, Any]) -> dict[str, Any]:
+    """Stepped outputs of costream and the anchor against the model and each other."""
+    model, clip, co, an = b["model"], b["clip"], b["costream"], b["anchor"]
+    if spec.family != "transformer":
+        verify_clip(f"{spec.name}/costream", co, model, clip)
+        verify_clip(f"{spec.name}/anchor", an, model, clip)
+        ref = None
+    else:
+        n = spec.params["window"]
+        with torch.inference_mode():
+            ref = model(clip.unfold(2, n, 1).permute(0, 2, 3, 1)[0])[:, -1]
+    a, c = _stepped(an, clip), _stepped(co, clip)
+    due = [t for t in range(clip.shape[2]) if a[t] is not None and c[t] is not None]
+    diff = max(float((a[t] - c[t]).abs().max()) for t in due)
+    scale = max(1.0, max(float(c[t].abs().max()) for t in due))
+    out = {"costream_vs_anchor": diff, "compared_outputs": len(due), "output_scale": scale,
+           "equals_anchor": diff <= 1e-4 * scale}
+    if ref is not None:
+        first = spec.params["window"] - 1
+        got = torch.cat([c[t] for t in range(first, clip.shape[2])])
+        out["costream_vs_model"] = float((got - ref).abs().max())
+        out["anchor_vs_model"] = float((torch.cat(
+            [a[t] for t in range(first, clip.shape[2])]) - ref).abs().max())
+        if out["costream_vs_model"] > 1e-4:
+            raise AssertionError(f"{spec.name}: costream differs from the torch model by "
+                                 f"{out['costream_vs_model']:.2e}")
+    return out
+
+
+def static(spec: Spec, b: dict[str, Any]) -> dict[str, Any]:
+    """MACs and bytes of one steady-state costream step."""
+    co, clip = b["costream"], b["clip"]
+    reset(co)
+    with torch.inference_mode():
+        for t in range(clip.shape[2] - 1):
+            co.forward_step(clip[:, :, t])
+        macs = counted_macs(lambda: co.forward_step(clip[:, :, -1]))["total"]
+        state = state_bytes(co.get_state()["tree"])
+        y = co.forward_step(clip[:, :, 0])
+    reset(co)
+    params = sum(p.numel() * p.element_size() for p in co.parameters())
+    frame = clip[:, :, 0].numel() * 4
+    return {"macs": macs, "param_bytes": params, "state_bytes": state,
+            "bytes": params + 2 * state + frame + y.numel() * 4,
+            "layers": sum(1 for m in b["model"].modules() if isinstance(
+                m, (nn.Conv1d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)))}
+
+
+# ---------------------------------------------------------------------------- timing
+def steppers(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: list[str],
+             threads: int) -> dict[str, Callable[[Tensor], Any]]:
+    model, clip, co, an = b["model"], b["clip"], b["costream"], b["anchor"]
+    window = (_Window(model, clip, spec.params["window"]) if spec.family == "transformer"
+              else SlidingWindow(model, clip))
+    out = {"costream": co.forward_step, "anchor": an.forward_step,
+           "window": window.forward_step}
+    for backend in backends:
+        step = make_step(co, backend, frame_shape=tuple(clip.shape[1:2] + clip.shape[3:]),
+                         threads=threads, onnx=onnx)
+        state = co.init_state(1, tuple(clip.shape[1:2] + clip.shape[3:]))
+
+        def go(frame: Tensor, step=step, box=[state]) -> Any:  # noqa: B006 (per closure)
+            y, box[0] = step(frame.unsqueeze(2), box[0])
+            return y
+
+        out[backend] = go
+    return out
+
+
+def time_workload(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: list[str],
+                  threads: int, repeats: int, block_s: float) -> dict[str, Any]:
+    """Interleaved blocks of steps (order rotating); per-step medians in µs."""
+    torch.set_num_threads(threads)
+    clip = b["clip"]
+    frames = [clip[:, :, t].contiguous() for t in range(clip.shape[2])]
+    impls = steppers(spec, b, onnx, backends, threads)
+    pos = dict.fromkeys(impls, 0)
+    clock = time.perf_counter_ns
+
+    def run(name: str, n: int) -> list[int]:
+        ns = []
+        for _ in range(n):
+            f = frames[pos[name] % len(frames)]
+            pos[name] += 1
+            t0 = clock()
+            impls[name](f)
+            ns.append(clock() - t0)
+        return ns
+
+    meter = OtherLoad()
+    with torch.inference_mode():
+        reset(b["costream"])
+        reset(b["anchor"])
+        block = {}
+        for name in impls:  # past every warm-up; the block size from a few steady steps
+            run(name, clip.shape[2])
+            est = statistics.median(run(name, 3)) / 1e9
+            block[name] = max(1, min(50, round(block_s / max(est, 1e-7))))
+        samples: dict[str, list[int]] = {k: [] for k in impls}
+        names = list(impls)
+        for r in range(repeats):
+            for j in range(len(names)):
+                name = names[(r + j) % len(names)]
+                run(name, 1)  # its own weights back in cache
+                samples[name] += run(name, block[name])
+    reset(b["costream"])
+    reset(b["anchor"])
+    lat = {k: statistics.median(v) / 1e3 for k, v in samples.items()}
+    return {"threads": threads, "latency_us": lat, "steps": {k: len(v) for k, v in
+                                                             samples.items()},
+            "other_processes_cpus": meter.others()}
+
+
+def derive(res: dict[str, Any], st: dict[str, Any], peak: dict[str, float]) -> None:
+    """Ratios, GMAC/s and the roofline floor of one timed result (in place)."""
+    lat = res["latency_us"]
+    steppers_ = [k for k in lat if k not in ("anchor", "window")]
+    best = min(steppers_, key=lambda k: lat[k])
+    compute_us = st["macs"] / (peak["gemm_gmacs"] * 1e3)
+    memory_us = st["bytes"] / (peak["bandwidth_gbs"] * 1e3)
+    floor = max(compute_us, memory_us)
+    res.update(
+        anchor_over_costream=lat["anchor"] / lat["costream"],
+        window_over_costream=lat["window"] / lat["costream"],
+        best_backend=best, anchor_over_best=lat["anchor"] / lat[best],
+        gmacs_costream=st["macs"] / (lat["costream"] * 1e3),
+        gmacs_best=st["macs"] / (lat[best] * 1e3),
+        floor_us=floor, floor_bound="compute" if compute_us >= memory_us else "memory",
+        floor_fraction=floor / lat[best],
+        overhead_per_layer_us=(lat[best] - floor) / max(1, st["layers"]))
+
+
+# ---------------------------------------------------------------------------- main
+def summarise(rows: list[dict[str, Any]], threads: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t in threads:
+        for fam in FAMILIES:
+            rs = [r["timing"][str(t)] for r in rows if r["family"] == fam]
+            if not rs:
+                continue
+            eager = [x["anchor_over_costream"] for x in rs]
+            best = [x["anchor_over_best"] for x in rs]
+            out[f"{fam}/{t}"] = {
+                "median": statistics.median(eager), "worst": min(eager),
+                "median_best_backend": statistics.median(best), "worst_best_backend": min(best),
+                "target": TARGETS[fam], "met": statistics.median(eager) >= TARGETS[fam]
+                and min(eager) >= FLOOR_RATIO, "workloads": len(rs)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawn workloads")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts (default: 1 2; 1 with --quick)")
+    p.add_argument("--backends", nargs="*", default=["onnxruntime", "openvino"],
+                   choices=["onnxruntime", "openvino"],
+                   help="runtimes timed next to eager costream (default: both)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 tiny workloads, 1 thread: a smoke run (writes sweep_quick.*)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    threads = args.threads or ([1] if args.quick else [1, 2])
+    repeats = args.repeats or (2 if args.quick else 5)
+    block_s = 0.005 if args.quick else 0.06
+    specs = QUICK if args.quick else draw(args.seed, COUNTS)
+    report: dict[str, Any] = {
+        "command": shlex.join(["python", "benchmarks/sweep.py", *raw]),
+        "machine": machine(continual_inference=continual.__version__), "seed": args.seed,
+        "threads": threads, "backends": ["eager", *args.backends], "rows": []}
+    start = time.perf_counter()
+    report["peaks"] = {str(t): peaks(t, args.quick) for t in threads}
+    tmp = tempfile.TemporaryDirectory()
+    for spec in specs:
+        b = build(spec, args.seed)
+        row = {"name": spec.name, "family": spec.family, "params": spec.params,
+               "dense_anchor": b["dense_anchor"], "check": check(spec, b),
+               "static": static(spec, b), "timing": {}}
+        onnx = None
+        if args.backends:
+            onnx = Path(tmp.name) / f"{spec.name}.onnx"
+            t0 = time.perf_counter()
+            export_onnx(b["costream"], onnx, tuple(b["clip"].shape[1:2] + b["clip"].shape[3:]))
+            row["export_s"] = time.perf_counter() - t0
+        for t in threads:
+            res = time_workload(spec, b, onnx, args.backends, t, repeats, block_s)
+            derive(res, row["static"], report["peaks"][str(t)])
+            row["timing"][str(t)] = res
+            print(f"[{spec.name} {t} thr] anchor/costream {res['anchor_over_costream']:.2f}x, "
+                  f"best {res['best_backend']} {res['anchor_over_best']:.2f}x, floor "
+                  f"{100 * res['floor_fraction']:.0f} %, other load "
+                  f"{res['other_processes_cpus'] or 0:.2f}", flush=True)
+        report["rows"].append(row)
+        del b
+    report["summary"] = summarise(report["rows"], threads)
+    report["elapsed_s"] = time.perf_counter() - start
+    write_report(args.out, "sweep_quick" if args.quick else "sweep", report,
+                 to_markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

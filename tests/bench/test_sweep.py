@@ -1,0 +1,41 @@
+"""The sweep benchmark runs end to end in its quick mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytest.importorskip("continual")
+
+
+def test_sweep_quick(tmp_path: Any) -> None:
+    """Three tiny workloads (one per family), 1 thread, eager only: every row checked
+    against the anchor, with ratios, MACs, GMAC/s and a roofline floor from peaks measured
+    in the run."""
+    script = ROOT / "benchmarks" / "sweep.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--backends", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          check=False, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "sweep_quick.json").read_text())
+    assert [r["family"] for r in report["rows"]] == ["tcn", "cnn3d", "transformer"]
+    peak = report["peaks"]["1"]
+    assert peak["gemm_gmacs"] > 0 and peak["bandwidth_gbs"] > 0
+    for row in report["rows"]:
+        assert row["check"]["equals_anchor"] and row["check"]["compared_outputs"] > 0
+        res = row["timing"]["1"]
+        assert set(res["latency_us"]) == {"costream", "anchor", "window"}
+        assert res["best_backend"] == "costream"
+        ratio = res["latency_us"]["anchor"] / res["latency_us"]["costream"]
+        assert res["anchor_over_costream"] == pytest.approx(ratio)
+        assert row["static"]["macs"] > 0 and 0 < res["floor_fraction"]
+        assert res["floor_us"] * 1e3 >= row["static"]["macs"] / peak["gemm_gmacs"] * (1 - 1e-9)
+    assert set(report["summary"]) == {"tcn/1", "cnn3d/1", "transformer/1"}
+    table = (tmp_path / "sweep_quick.md").read_text()
+    assert "python benchmarks/sweep.py --quick" in table and "| trf_tiny | 1 |" in table
