@@ -261,10 +261,10 @@ def run_app(config: ServeConfig, *, port: int = 8000, host: str = "127.0.0.1",
     """Start (or join, with ``address``) Ray, deploy the app and wait for its replicas; return
     its handle.
 
-    Example (starts Ray, so not run here)::
-
-        handle = run_app(ServeConfig("tcn", replicas=2), port=8000)
-        key = handle.open.remote().result()
+    Example (starts Ray, so skipped here):
+        >>> from costream.serve import ServeConfig, run_app
+        >>> handle = run_app(ServeConfig("tcn", replicas=2), port=8000)  # doctest: +SKIP
+        >>> key = handle.open.remote().result()  # doctest: +SKIP
     """
     import ray
 

@@ -15,12 +15,13 @@ class StreamClient:
             ``None`` for ``serve.get_app_handle(app)``.
         app: the application's name.
 
-    Example (needs a running app, so not run here)::
-
-        client = StreamClient(run_app(ServeConfig("tcn")))
-        cam = client.open()
-        out = cam.send(torch.randn(256))   # None until the network's first output is due
-        cam.close()
+    Example (needs a running app, so skipped here):
+        >>> import torch
+        >>> from costream.serve import ServeConfig, StreamClient, run_app
+        >>> client = StreamClient(run_app(ServeConfig("tcn")))  # doctest: +SKIP
+        >>> cam = client.open()  # doctest: +SKIP
+        >>> out = cam.send(torch.randn(256))  # doctest: +SKIP
+        >>> cam.close()  # doctest: +SKIP
     """
 
     def __init__(self, handle: Any = None, app: str = "costream") -> None:
@@ -50,7 +51,16 @@ class StreamClient:
 
 class Stream:
     """One open stream: ``send(frame) -> output | None``, ``reset()``, ``close()`` (and
-    ``*_async`` variants to keep many streams in flight from one event loop)."""
+    ``*_async`` variants to keep many streams in flight from one event loop).
+
+    Example (needs a running app, so skipped here):
+        >>> import torch
+        >>> from costream.serve import StreamClient
+        >>> cam = StreamClient(app="costream").open()  # doctest: +SKIP
+        >>> cam.send(torch.randn(256)) is None  # warming up  # doctest: +SKIP
+        True
+        >>> cam.reset(); cam.close()  # doctest: +SKIP
+    """
 
     def __init__(self, handle: Any, key: str) -> None:
         self.handle, self.key = handle, key

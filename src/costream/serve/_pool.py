@@ -79,10 +79,12 @@ class RayPool:
         **worker_args: passed to :class:`StreamWorker`; the module travels once through the
             object store.
 
-    Example (needs a running Ray instance)::
-
-        pool = RayPool(num_cpus=1, module=net, capacity=64, frame_shape=(256,))
-        router = StreamRouter(pool, replicas=2)   # replicas start with ``await router.start()``
+    Example (needs a running Ray instance, so skipped here):
+        >>> import costream as cs
+        >>> from costream.serve import RayPool, StreamRouter
+        >>> pool = RayPool(num_cpus=1, module=cs.Conv1d(2, 3, 2), capacity=64,
+        ...                frame_shape=(2,))  # doctest: +SKIP
+        >>> router = StreamRouter(pool, replicas=2)  # doctest: +SKIP
     """
 
     def __init__(self, num_cpus: float = 1.0, *, name: str = "replica",
