@@ -55,7 +55,8 @@ def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[in
     """Export ``module``'s stride step to ONNX at ``path`` and write ``path`` + ``.json``.
 
     Uses the exporter of the installed torch (``torch.onnx.export(..., dynamo=True)``). The
-    module is exported in eval mode and left in the mode it was in. Offline-only models
+    module is exported in eval mode; afterwards every submodule is back in its own mode (a
+    model with frozen batch norms comes back with them frozen). Offline-only models
     (``streamable`` false, e.g. X3D with clip-scope squeeze-excitation) have no step and are
     refused.
 
@@ -88,7 +89,7 @@ def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[in
                          f"only runs on whole clips, so it has no step to export; export its "
                          f"continual version instead")
     path = Path(path)
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each submodule's own flag
     module.eval()
     try:
         state = module.init_state(batch_size, tuple(frame_shape), dtype=dtype)
@@ -108,7 +109,8 @@ def export_onnx(module: CoModule, path: str | os.PathLike, frame_shape: tuple[in
                 dynamo=True, verbose=False, optimize=optimize,
             )
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     t = module.temporal
     manifest = {
         "format": FORMAT,
