@@ -195,6 +195,18 @@ def test_window_classifier_streams_over_a_sliding_window():
     for t, y in due:
         ref = model(clip[..., t - rf + 1: t + 1])
         torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    # offline: the prediction of every window, stacked on dim 2 (one for a window-long clip)
+    torch.testing.assert_close(net(clip[..., :window]), model(clip[..., :window]).unsqueeze(2),
+                               rtol=1e-10, atol=1e-10)
+    offline = net(clip)
+    assert offline.shape[2] == (clip.shape[3] - window) // net.stride + 1
+    net.reset_state()
+    torch.testing.assert_close(net.forward_steps(clip, pad_end=True), offline, rtol=1e-10,
+                               atol=1e-10)
+    net.reset_state()
+    parts = [net.forward_steps(clip[..., :17]), net.forward_steps(clip[..., 17:])]
+    torch.testing.assert_close(torch.cat([p for p in parts if p is not None], 2), offline,
+                               rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------- third-party models

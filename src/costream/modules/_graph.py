@@ -457,8 +457,26 @@ class Graph(CoModule):
 
     # ------------------------------------------------------------------ offline
     def _clip(self, x: Any) -> Any:
+        if self._virtual:
+            return self._windows(x)
         with call_mode("forward"):  # leaves through __call__, so their hooks run
             return fx.Interpreter(self, graph=self._offline).run(x)
+
+    def _windows(self, x: Tensor) -> Tensor | None:
+        """Offline result of a window classifier (a reduction over time): its prediction for
+        every window of the clip, stacked on dim 2, as the stream gives them (for a clip of
+        exactly the window's length: the source model's output, with a time axis of 1)."""
+        if not isinstance(x, Tensor) or x.dim() <= self.time_dim:
+            raise ValueError(f"{type(self).__name__} expects a clip with time at dim "
+                             f"{self.time_dim}, got {x if not isinstance(x, Tensor) else x.shape}")
+        clip = x.unsqueeze(1) if self._flat else x.movedim(self.time_dim, 2)
+        t = clip.shape[2]
+        state = self.init_state(clip.shape[0], tuple(clip.select(2, 0).shape[1:]),
+                                device=clip.device, dtype=clip.dtype)["tree"]
+        y, state, _, _ = self._steps(clip, state, 0, 0)
+        z, _, _, _ = self._flush(state, t, t % self._geom.stride)
+        parts = [p for p in (y, z) if p is not None]
+        return torch.cat(parts, 2) if len(parts) > 1 else (parts[0] if parts else None)
 
     # ------------------------------------------------------------------ layouts
     def forward_step(self, x: Any) -> Any:
