@@ -288,6 +288,10 @@ class StreamRouter:
         t0 = time.perf_counter()
         r.alive = False
         self.replicas.remove(r)
+        try:  # an unreachable replica may still run: make sure it never answers again
+            self.pool.kill(r.handle)
+        except Exception:  # already gone
+            pass
         if (respawn and self.respawn) or not self.replicas:
             spawn = asyncio.create_task(self._add_replica())
             if not self.replicas:
@@ -351,6 +355,5 @@ class StreamRouter:
             await self._failover(r, [], reason=str(err), respawn=False)
             r.drained.set()
             return
-        await self._failover(r, [], reason="drained", respawn=False)
-        self.pool.kill(r.handle)
+        await self._failover(r, [], reason="drained", respawn=False)  # stops the replica
         r.drained.set()
