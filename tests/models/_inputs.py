@@ -85,6 +85,18 @@ def streamable_zoo_architectures() -> dict[str, list[str]]:
     return {names[0]: names for names in groups.values()}
 
 
+def one_per_architecture(names: list[str]) -> dict[str, list[str]]:
+    """``names`` with streamable twins (one architecture at the test size, see
+    :func:`streamable_zoo_architectures`) collapsed to the first: ``{name: names it stands
+    for}``. Offline-only names stand for themselves."""
+    twins = {n: group for group in streamable_zoo_architectures().values() for n in group}
+    out: dict[str, list[str]] = {}
+    for name in names:
+        group = [n for n in twins.get(name, [name]) if n in names]
+        out.setdefault(group[0], group)
+    return out
+
+
 def streamable_zoo_layer_sets() -> dict[str, list[str]]:
     """Streamable registered models grouped by the set of distinct layers they are built from
     (every submodule's type and configuration, however often it repeats): ``{representative:
