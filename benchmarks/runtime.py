@@ -48,7 +48,7 @@ from costream.bench._report import cpu_model
 from costream.core import tree_map
 from costream.runtime import StreamEngine, compile_step
 
-DEFAULT_ENGINE = ("tcn", "transformer", "cox3d_xs", "cox3d_xs@8")
+DEFAULT_ENGINE = ("tcn", "transformer", "cox3d_xs", "cox3d_xs@8", "cox3d_xs@auto")
 DEFAULT_BACKENDS = ("tcn", "transformer", "cox3d_xs")
 BLOCK, WARM_IN = 5, 2  # engine benchmark: timed steps per block, untimed steps before them
 FAST_ENGINE, FAST_STEPS_FACTOR = ("tcn",), 5  # workloads timed for 5x --steps
@@ -106,7 +106,7 @@ def bench_engine(spec: str, streams: int, steps: int, peak: float) -> dict[str, 
     needs at least ``streams * MACs per step / peak`` seconds per step of all streams.
     """
     name, _, blocks = spec.partition("@")
-    max_batch = int(blocks) if blocks else None
+    max_batch = (blocks if blocks == "auto" else int(blocks)) if blocks else None
     w = resolve_workload(name)
     net, frame = w.net.eval(), w.frame_shape
     macs = step_macs(copy.deepcopy(net), torch.randn(1, *frame))

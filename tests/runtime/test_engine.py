@@ -95,8 +95,8 @@ def test_warm_streams_step_on_the_layers_fast_path(monkeypatch):
         seen.append(age if age is None or isinstance(age, int) else age.tolist())
         return step(x, tree, age, phase)
 
-    monkeypatch.setattr(net, "_step", spy)
     engine = StreamEngine(net, capacity=2, frame_shape=(3,), dtype=torch.float64)
+    monkeypatch.setattr(net, "_step", spy)  # after the block size probe of the constructor
     a, b = engine.open(), engine.open()
     warm = net.delay + 1
     with torch.no_grad():

@@ -32,8 +32,10 @@ class StreamEngine:
         frame_shape: shape of one input frame without the batch dimension, ``(C, *spatial)``.
         device, dtype: where and in which precision the state lives (default: the module's;
             a module with parameters needs its own). Frames must match them.
-        max_batch: streams per batched call (default: all of them in one call). Slots
-            ``[k * max_batch, (k + 1) * max_batch)`` form block ``k``.
+        max_batch: streams per batched call; ``None``: all of them in one call; ``"auto"``
+            (default): as many as keep the largest activation of a call under 32 MiB (see
+            ``costream.runtime._blocks``), evenly spread (one block for small networks).
+            Slots ``[k * max_batch, (k + 1) * max_batch)`` form block ``k``.
         backend: what runs the batched step: ``"eager"`` (default), ``"compiled"``,
             ``"onnxruntime"`` or ``"openvino"`` (see :func:`costream.runtime.make_step`;
             the others step networks of temporal stride 1).
@@ -52,12 +54,16 @@ class StreamEngine:
 
     def __init__(self, module: CoModule, capacity: int, frame_shape: tuple[int, ...], *,
                  device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, max_batch: int | None = None,
+                 dtype: torch.dtype | None = None, max_batch: int | str | None = "auto",
                  backend: str = "eager") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
-        if max_batch is not None and max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_batch == "auto":
+            from ._blocks import auto_max_batch
+
+            max_batch = auto_max_batch(module, int(capacity), tuple(frame_shape), device, dtype)
+        elif max_batch is not None and (isinstance(max_batch, str) or max_batch < 1):
+            raise ValueError(f"max_batch must be >= 1, None or 'auto', got {max_batch!r}")
         self.module = module
         self.capacity = int(capacity)
         self.frame_shape = tuple(frame_shape)
