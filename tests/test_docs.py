@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("costream", "costream.testing", "costream.runtime", "costream.export",
             "costream.models", "costream.bench", "costream.prune", "costream.prune.adapters",
-            "costream.prune.hf")
+            "costream.prune.hf", "costream.audio", "costream.serve")
 
 
 def _public(package: str) -> list[tuple[str, object]]:
