@@ -116,15 +116,14 @@ class DSCNN(nn.Module):
 
     def __init__(self, c: int = 8, n: int = 2, classes: int = 5) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, c, (4, 5), stride=(2, 1), padding=(0, 1))
+        self.conv1 = nn.Conv2d(1, c, (5, 4), stride=(1, 2), padding=(1, 0))
         self.bn1 = nn.BatchNorm2d(c)
         self.dw = nn.ModuleList(nn.Conv2d(c, c, 3, groups=c) for _ in range(n))
         self.pw = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(n))
         self.bn = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(n))
         self.fc = nn.Linear(c, classes)
 
-    def forward(self, x):  # (B, 1, mel, T): time is the last axis
-        x = x.transpose(2, 3)  # (B, 1, T, mel)
+    def forward(self, x):  # (B, 1, mel, T): time is the last axis of every conv
         x = F.relu(self.bn1(self.conv1(x)))
         for dw, pw, bn in zip(self.dw, self.pw, self.bn):
             x = F.relu(bn(pw(F.relu(dw(x)))))

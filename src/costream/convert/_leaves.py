@@ -116,6 +116,44 @@ class _Parametrized(_Computed):
         return self._modules["parametrizations"]["weight"]()
 
 
+def time_last_conv(module: nn.Module, k: int) -> nn.Module:
+    """A continual conv for a torch conv whose time axis is spatial dim ``k`` (> 0): kernel and
+    geometry permuted so time comes first, the weight a view of ``module``'s (not registered:
+    ``module`` itself stays in the model for the offline pass and the state_dict)."""
+    n = len(module.kernel_size)
+    order = [k, *[d for d in range(n) if d != k]]
+
+    def perm(v: Any) -> Any:
+        return tuple(v[d] for d in order) if isinstance(v, tuple) else v
+
+    cls = _CONV[n]
+    new = cls(module.in_channels, module.out_channels, perm(module.kernel_size),
+              stride=perm(module.stride), padding=perm(module.padding),
+              dilation=perm(module.dilation), groups=module.groups,
+              bias=module.bias is not None, padding_mode=module.padding_mode, device="meta")
+    del new._parameters["weight"]
+    new.__class__ = _subclass(cls, "TimeLast", _TimeLast)
+    new._source = [module]  # a list: not registered as a submodule
+    new._time_dim = k
+    new.bias = module.bias
+    new._lean = False
+    new._weight_key = None
+    new._weight_value = None
+    return new
+
+
+class _TimeLast(_Computed):
+    def _weight_sources(self) -> tuple[Tensor, ...]:
+        return (self._source[0].weight,)
+
+    def _compute_weight(self) -> Tensor:
+        w = self._source[0].weight
+        return w.movedim(2 + self._time_dim, 2).contiguous()
+
+    def _wb(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight, self._source[0].bias
+
+
 # ---------------------------------------------------------------------- functional ops
 _F_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2,
            torch.conv3d: 3}

@@ -31,6 +31,7 @@ from ..modules._conv import _CoConvNd as _CoConv
 from ..modules._delay import Skip
 from ..modules._graph import Graph, Node, Ref, _map, mirror
 from ..modules._pointwise import is_pointwise, pointwise_step
+from ..modules._pool import _WindowPool as _CoPool
 from ..modules._window import Pad, WindowReduce, fuse_pad
 from . import _leaves
 from ._report import Blocker, NotStreamableError
@@ -363,6 +364,11 @@ class _Builder:
             if co is None:
                 raise _Block("a parametrized layer that is not a convolution")
         elif type(m) in self.handlers and not isinstance(m, nn.Linear):
+            if isinstance(ta, int) and ta > 2 and isinstance(m, _leaves._TORCH_CONV):
+                # time is a later spatial axis: a continual conv over the permuted kernel;
+                # the source conv stays in the module tree (offline and state_dict)
+                self._co(fxn, _leaves.time_last_conv(m, ta - 2), src)
+                return
             co = self.convert(m, fxn.target, None)
         if co is not None:
             self._co(fxn, co, src, register=fxn.target)
@@ -383,9 +389,14 @@ class _Builder:
             return self.nodes[-1]
         if src.virtual:
             raise _Block("a temporal layer after a reduction over the window")
-        if src.time_axis != 2:
+        if src.time_axis != 2 and isinstance(co, (_CoConv, _CoPool)) and not getattr(
+                co, "_time_dim", 0):
             raise _Block(f"temporal layers need time at dim 2 of their input (their first "
                          f"spatial dim); here it is dim {src.time_axis}")
+        if not isinstance(src.time_axis, int) or (src.time_axis < 2 and not isinstance(
+                co, (Skip, Pad, WindowReduce))):
+            raise _Block(f"a temporal layer over dim {src.time_axis} (time must not be the "
+                         f"channel axis)")
         out_axis = None if virtual else self._axis(fxn)
         if out_axis == "merged":
             raise _Block("moves time into channels or batch")
@@ -621,9 +632,8 @@ class _Builder:
                          "depends on the clip length")
         cur = src
         if start:
-            if src.time_axis != 2:
-                raise _Block("temporal crops need time at dim 2")
-            cur = self._add(fxn, "co", co=Skip(start), source=cur.index, time_axis=2,
+            cur = self._add(fxn, "co", co=Skip(start), source=cur.index,
+                            time_axis=src.time_axis,
                             geometry=cur.geometry.then(Skip(start).temporal))
             self.index.pop(fxn)
         if stop is not None:
@@ -657,10 +667,8 @@ class _Builder:
             raise _Block(f"pads time with mode {mode!r} (only constant padding can stream)")
         if start < 0 or end < 0:
             raise _Block("negative padding along time")
-        if src.time_axis != 2:
-            raise _Block("temporal padding needs time at dim 2")
         co = Pad(start, end, 0.0 if value is None else value)
-        cur = self._add(fxn, "co", co=co, source=src.index, time_axis=2,
+        cur = self._add(fxn, "co", co=co, source=src.index, time_axis=src.time_axis,
                         geometry=src.geometry.then(co.temporal))
         pads[2 * k] = pads[2 * k + 1] = 0
         if any(pads):
@@ -669,7 +677,7 @@ class _Builder:
             rest.pop("pad", None)
             a = (Ref(cur.index), tuple(pads), *[v for v in args[2:]])
             self._add(fxn, "fn", fn=F.pad, args=a, kwargs={}, streams=[cur.index],
-                      time_axis=2, geometry=cur.geometry)
+                      time_axis=src.time_axis, geometry=cur.geometry)
         return True
 
     def _reduce(self, fxn: fx.Node, src: Node, name: str) -> bool:
@@ -689,24 +697,22 @@ class _Builder:
         if _REDUCTIONS[name] is None:
             raise _Block(f"{name} over time cannot stream")
         window = self._window_at(src)
-        if src.time_axis != 2:
-            raise _Block("reductions over time need time at dim 2")
         cur = src
         others = tuple(sorted(dims - {ta}))
         op = _REDUCTIONS[name]
         if others:
             red = getattr(torch, op)
             cur = self._add(fxn, "fn", fn=red, args=(Ref(cur.index), others),
-                            kwargs={"keepdim": True}, streams=[cur.index], time_axis=2,
+                            kwargs={"keepdim": True}, streams=[cur.index], time_axis=ta,
                             geometry=cur.geometry)
             self.index.pop(fxn)
         co = WindowReduce(window, op)
-        keep = 2 if keepdim else None
+        keep = ta if keepdim else None
         node = self._add(fxn, "co", co=co, source=cur.index, time_axis=None, keep_axis=keep,
                          virtual=True, geometry=cur.geometry.then(co.temporal))
         if others and not keepdim:  # drop the kept singleton dims of the other reductions
             self.index.pop(fxn)
-            self._add(fxn, "fn", fn=_squeeze_dims, args=(Ref(node.index), others),
+            self._add(fxn, "fn", fn=_squeeze_dims, args=(Ref(node.index), others, ta),
                       streams=[node.index], virtual=True, geometry=node.geometry,
                       time_axis=None)
         return True
@@ -840,9 +846,9 @@ def _fusible(conv: nn.Module, pad: Pad) -> bool:
             and conv._tpad[0] + pad.start <= conv._span)
 
 
-def _squeeze_dims(x: Tensor, dims: tuple[int, ...]) -> Tensor:
-    # the window reduction removed time (dim 2); the other reduced dims were kept as size 1
-    shifted = [d - 1 if d > 2 else d for d in dims]
+def _squeeze_dims(x: Tensor, dims: tuple[int, ...], time: int) -> Tensor:
+    # the window reduction removed time; the other reduced dims were kept as size 1
+    shifted = [d - 1 if d > time else d for d in dims]
     for d in sorted(shifted, reverse=True):
         x = x.squeeze(d)
     return x
