@@ -264,6 +264,31 @@ def test_wav2vec2_feature_encoder_layer_norm():
     outs = [net.forward_step(x[:, t]) for t in range(x.shape[1])]
     got = torch.stack([y for y in outs if y is not None], 2)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    net.reset_state()
+    assert_streaming_equivalent(net, x, model)  # clips (B, T): the harness follows time_dim
+
+
+class TokensFirst(nn.Module):
+    """A (B, T, C) model, as sequence and audio code writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, padding=2)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.conv(x.transpose(1, 2))[..., :-2]
+        return self.head(torch.relu(h).transpose(1, 2))
+
+
+def test_time_first_layout():
+    torch.manual_seed(0)
+    model = TokensFirst().double().eval()
+    x = torch.randn(2, 15, 4, dtype=torch.float64)
+    net = cs.continual(model, example=x, time_dim=1)
+    assert net.delay == 0 and net.forward_step(x[:, 0]).shape == (2, 3)
+    net.reset_state()
+    assert_streaming_equivalent(net, x, model)
 
 
 # ---------------------------------------------------------------------- refusals

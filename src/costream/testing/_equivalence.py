@@ -79,6 +79,57 @@ def _stack(outs: list[Any]) -> Any:
     return torch.stack(outs, 2)
 
 
+def _layout(module: Any) -> tuple[int, bool] | None:
+    """``(time_dim, flat)`` of a module whose clips keep time off dim 2, else ``None``."""
+    td, flat = getattr(module, "time_dim", 2), getattr(module, "_flat", False)
+    return (td, flat) if td != 2 or flat else None
+
+
+class _LayoutView:
+    """A module whose clips keep time at ``time_dim`` (and its reference), seen with clips
+    ``(B, C, T, ...)``: frames are the same either way, clips are moved."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.time_dim, self.flat = _layout(module)
+        out = module._nodes[module._output]
+        self.out_axis = 2 if out.virtual or not isinstance(out.time_axis, int) else \
+            out.time_axis
+
+    @classmethod
+    def wrap(cls, module: Any, x: Tensor, reference: Any) -> tuple[Any, Tensor, Any]:
+        view = cls(module)
+        if callable(reference):
+            ref = reference
+            reference = lambda c: view._out(ref(view._in(c)))  # noqa: E731
+        elif isinstance(reference, Tensor):
+            reference = view._out(reference)
+        return view, view._to(x), reference
+
+    def _to(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(1) if self.flat else x.movedim(self.time_dim, 2)
+
+    def _in(self, c: Tensor) -> Tensor:
+        return c.squeeze(1) if self.flat else c.movedim(2, self.time_dim)
+
+    def _out(self, y: Any) -> Any:
+        if not isinstance(y, Tensor) or self.out_axis == 2 or y.dim() <= self.out_axis:
+            return y
+        return y.movedim(self.out_axis, 2)
+
+    def __call__(self, c: Tensor) -> Any:
+        return self._out(self.module(self._in(c)))
+
+    def forward_steps(self, c: Tensor, pad_end: bool = False) -> Any:
+        return self._out(self.module.forward_steps(self._in(c), pad_end))
+
+    def __deepcopy__(self, memo: dict) -> _LayoutView:
+        return _LayoutView(copy.deepcopy(self.module, memo))
+
+    def __getattr__(self, name: str) -> Any:  # stepping, state and geometry as they are
+        return getattr(self.module, name)
+
+
 def _steps_out(module: CoModule, x: Any, t: int) -> list[Any]:
     return [module.forward_step(_frame(x, i)) for i in range(t)]
 
@@ -125,6 +176,8 @@ def assert_streaming_equivalent(
             "self_consistency_only=True to check only the module against itself")
     if reference is not None and self_consistency_only:
         raise TypeError("self_consistency_only=True with a reference: drop one of them")
+    if _layout(module) is not None:  # a traced model that keeps time elsewhere (time_dim)
+        module, x, reference = _LayoutView.wrap(module, x, reference)
     dtype = (x[0] if isinstance(x, tuple) else x).dtype
     tol = tolerances(dtype)
     if rtol is not None:
