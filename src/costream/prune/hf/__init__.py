@@ -14,10 +14,11 @@ pruned sentence embeddings stay.
 
 Decoder LLMs (Llama, Mistral, Qwen2, GPT-2) prune the same way in key/value groups (a
 key/value head with its query heads) and MLP neurons: :func:`score_decoder` (also FLAP's
-``fluctuation``), :func:`allocate_decoder`, :func:`apply_decoder_plan` (or :func:`prune_decoder`),
-:func:`select_decoder_calibration` (next-token KL), :func:`heal_decoder` (LoRA, merged) and
-:func:`perplexity`, :func:`next_token_kl`, :func:`decoder_parameters`. The result is a registered ``Pruned*`` causal LM whose config records each
-layer's widths; it saves as safetensors, reloads with :func:`load_decoder` (or
+``fluctuation``), :func:`allocate_decoder`, :func:`apply_decoder_plan` (or
+:func:`prune_decoder`), :func:`select_decoder_calibration` (next-token KL),
+:func:`heal_decoder` (LoRA, merged), :func:`perplexity`, :func:`next_token_kl` and
+:func:`decoder_parameters`. The result is a registered ``Pruned*`` causal LM whose config
+records each layer's widths; it saves as safetensors, reloads with :func:`load_decoder` (or
 ``AutoModelForCausalLM`` once this package is imported) and generates with its KV cache. See
 ``docs/pruning-llms.md``.
 
