@@ -144,8 +144,11 @@ def _strided(stride: int) -> cs.CoModule:
 
 NETS = {
     "strided conv, stride 2": (lambda: _strided(2), (3,)),
+    # the layer kinds of the zoo's 3D CNNs (batch norm, spatially strided max pool, residual)
     "residual 3d": (lambda: cs.Sequential(
-        cs.Conv3d(2, 4, 3, padding=1), nn.ReLU(), cs.Residual(cs.Conv3d(4, 4, (3, 1, 1))),
+        cs.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+        cs.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+        cs.Residual(cs.Conv3d(4, 4, (3, 1, 1))),
         cs.AdaptiveAvgPool3d((1, 1, 1), window=3), cs.Reshape(-1), cs.Linear(4, 3)).eval(),
         (2, 5, 5)),
     # retroactive, regular and single-output attention (1 and 2 layers: CoOadTR in the zoo)
@@ -187,8 +190,10 @@ def test_compile_step_refuses_what_it_cannot_step() -> None:
 
 
 ZOO = streamable_zoo_layer_sets()
-#: Zoo models also compiled with inductor (the rest run dynamo's graph only).
-INDUCTOR = {"coslow_r50", "cooadtr_b2"}
+#: Zoo models also compiled with inductor (the rest run dynamo's graph only). One: inductor's
+#: code for the layer kinds of the 3D CNNs is checked on "residual 3d" above (compiling
+#: CoSlow-R50 with inductor as well took 25 s of CPU and timed out on a loaded machine).
+INDUCTOR = {"cooadtr_b2"}
 
 
 @pytest.mark.parametrize("name", list(ZOO), ids=["=".join(ZOO[n]) for n in ZOO])
