@@ -126,13 +126,18 @@ def test_export_warns_of_no_training_mode(tmp_path):
 
 # ---------------------------------------------------------------------- the model zoo
 ZOO = streamable_zoo_architectures()
-LAYER_SETS = streamable_zoo_layer_sets()
+#: Star skeleton models (stride 1, no temporal padding) are not exported (25 s of CPU): their
+#: graph, adaptive-graph and attention layers and kernel-9 temporal convolutions are exported
+#: in the strided versions, which step them on 4, 2 and 1 frames per call; unpadded
+#: convolutions and delay-aligned residuals in the networks above. test_skeleton.py steps them.
+LAYER_SETS = {n: v for n, v in streamable_zoo_layer_sets().items() if not n.endswith("_star")}
 
 
 @pytest.mark.parametrize("name", list(LAYER_SETS), ids=["=".join(v) for v in LAYER_SETS.values()])
 def test_zoo_model_exports_and_streams_in_onnxruntime(name, tmp_path):
-    """Every kind of streamable zoo model, exported and run in onnxruntime from a fresh state
-    over twice its receptive field, equals PyTorch stepping (float32).
+    """Every kind of streamable zoo model (star skeleton models aside, see ``LAYER_SETS``),
+    exported and run in onnxruntime from a fresh state over twice its receptive field, equals
+    PyTorch stepping (float32).
 
     Registered names built from the same layers at the test size (test id ``a=b``) are
     exported once, on the shallowest: names with one architecture (twins), and deeper stacks
