@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -46,9 +47,15 @@ def _run(tmp_path, *args):
     subprocess.run([sys.executable, str(script), *map(str, args)], check=True)
 
 
+def _run_here(*args):
+    """The job in this process: the uninterrupted reference needs no process of its own."""
+    with mock.patch.object(sys, "argv", ["job.py", *map(str, args)]):
+        exec(compile(SCRIPT, "job.py", "exec"), {"__name__": "__main__"})
+
+
 def test_kill_and_resume_in_a_new_process_is_bit_identical(tmp_path):
     ckpt, cut = tmp_path / "streams.pt", 17
-    _run(tmp_path, "full", ckpt, tmp_path / "full.pt", cut)
+    _run_here("full", ckpt, tmp_path / "full.pt", cut)
     _run(tmp_path, "save", ckpt, tmp_path / "first.pt", cut)
     _run(tmp_path, "resume", ckpt, tmp_path / "rest.pt", cut)
     full = torch.load(tmp_path / "full.pt")
