@@ -42,9 +42,9 @@ def _row_major(t: Tensor) -> Tensor:
 
 #: Why :func:`compile_step` steps eagerly on a CPU unless forced (measured, see the docs).
 CPU_FALLBACK_REASON = (
-    "torch.compile'd steps measured slower than eager stepping on the CPU, even with the "
-    "weights frozen into the graph as constants (benchmarks/results/compiled_step.md); "
-    "compile_step(..., force=True) compiles anyway")
+    "torch.compile'd steps measured slower than eager stepping on the CPU (TCN step 3.9x "
+    "slower, benchmarks/results/compiled_step.md); compile_step(..., force=True) compiles "
+    "anyway")
 
 
 class CompiledStep:
@@ -75,8 +75,8 @@ def _on_cpu(module: nn.Module) -> bool:
 
 def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool = True,
                  backend: str | Callable = "inductor", dynamic: bool | None = False,
-                 freeze: bool = True, force: bool = False) -> Callable[[Any, dict],
-                                                                       tuple[Any, dict]]:
+                 options: dict[str, Any] | None = None,
+                 force: bool = False) -> Callable[[Any, dict], tuple[Any, dict]]:
     """``torch.compile`` :meth:`CoModule.step_stride` (one output per ``stride`` frames).
 
     Args:
@@ -86,9 +86,7 @@ def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool =
         backend: the ``torch.compile`` backend.
         dynamic: ``torch.compile``'s dynamic-shape option (default ``False``: a batch size
             or frame size met later compiles a graph of its own).
-        freeze: with inductor and no ``mode``, freeze the parameters into the graph as
-            constants (inductor's ``freezing``): kernels derived from the weights are computed
-            once at compile time, not on every call. Compile again after changing weights.
+        options: ``torch.compile``'s backend options (not together with ``mode``).
         force: compile with inductor on a CPU too. Without it, a module on the CPU gets the
             eager step (:class:`EagerStep`) and a ``RuntimeWarning`` that says why
             (:data:`CPU_FALLBACK_REASON`): compiled CPU steps measured slower than eager ones.
@@ -124,7 +122,6 @@ def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool =
         warnings.warn(f"compile_step runs the eager step: {CPU_FALLBACK_REASON}",
                       RuntimeWarning, stacklevel=2)
         return EagerStep(module, reason=CPU_FALLBACK_REASON)
-    options = {"freezing": True} if inductor and freeze and mode is None else None
     compiled = torch.compile(_stride_step(module), mode=mode, fullgraph=fullgraph,
                              backend=backend, dynamic=dynamic, options=options)
     return CompiledStep(compiled, any(isinstance(m, nn.RNNBase) for m in module.modules()))
