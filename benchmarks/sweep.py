@@ -104,18 +104,23 @@ def check(spec: Spec, b: dict[str, Any]) -> dict[str, Any]:
         n = spec.params["window"]
         with torch.inference_mode():
             ref = model(clip.unfold(2, n, 1).permute(0, 2, 3, 1)[0])[:, -1]
-    a, c = _stepped(an, clip), _stepped(co, clip)
-    due = [t for t in range(clip.shape[2]) if a[t] is not None and c[t] is not None]
-    diff = max(float((a[t] - c[t]).abs().max()) for t in due)
-    scale = max(1.0, max(float(c[t].abs().max()) for t in due))
-    out = {"costream_vs_anchor": diff, "compared_outputs": len(due), "output_scale": scale,
-           "equals_anchor": diff <= 1e-4 * scale}
+    c = _stepped(co, clip)
+    out: dict[str, Any] = {"equals_anchor": None, "costream_vs_anchor": None}
+    if an is not None:
+        a = _stepped(an, clip)
+        due = [t for t in range(clip.shape[2]) if a[t] is not None and c[t] is not None]
+        diff = max(float((a[t] - c[t]).abs().max()) for t in due)
+        scale = max(1.0, max(float(c[t].abs().max()) for t in due))
+        out = {"costream_vs_anchor": diff, "compared_outputs": len(due),
+               "output_scale": scale, "equals_anchor": diff <= 1e-4 * scale}
     if ref is not None:
         first = spec.params["window"] - 1
         got = torch.cat([c[t] for t in range(first, clip.shape[2])])
         out["costream_vs_model"] = float((got - ref).abs().max())
-        out["anchor_vs_model"] = float((torch.cat(
-            [a[t] for t in range(first, clip.shape[2])]) - ref).abs().max())
+        out["compared_outputs_model"] = int(got.shape[0])
+        if an is not None:
+            out["anchor_vs_model"] = float((torch.cat(
+                [a[t] for t in range(first, clip.shape[2])]) - ref).abs().max())
         if out["costream_vs_model"] > 1e-4:
             raise AssertionError(f"{spec.name}: costream differs from the torch model by "
                                  f"{out['costream_vs_model']:.2e}")
@@ -147,8 +152,9 @@ def steppers(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: list[st
     model, clip, co, an = b["model"], b["clip"], b["costream"], b["anchor"]
     window = (_Window(model, clip, spec.params["window"]) if spec.family == "transformer"
               else SlidingWindow(model, clip))
-    out = {"costream": co.forward_step, "anchor": an.forward_step,
-           "window": window.forward_step}
+    out = {"costream": co.forward_step, "window": window.forward_step}
+    if an is not None:
+        out["anchor"] = an.forward_step
     for backend in backends:
         step = make_step(co, backend, frame_shape=tuple(clip.shape[1:2] + clip.shape[3:]),
                          threads=threads, onnx=onnx)
@@ -184,11 +190,12 @@ def time_workload(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: li
 
     meter = OtherLoad()
     with torch.inference_mode():
-        reset(b["costream"])
-        reset(b["anchor"])
+        for m in (b["costream"], b["anchor"]):
+            if m is not None:
+                reset(m)
         block = {}
-        for name in impls:  # past every warm-up; the block size from a few steady steps
-            run(name, clip.shape[2])
+        for name in impls:  # past every warm-up (the window has none); block size from a few
+            run(name, 2 if name == "window" else clip.shape[2])
             est = statistics.median(run(name, 3)) / 1e9
             block[name] = max(1, min(50, round(block_s / max(est, 1e-7))))
         samples: dict[str, list[int]] = {k: [] for k in impls}
@@ -198,8 +205,9 @@ def time_workload(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: li
                 name = names[(r + j) % len(names)]
                 run(name, 1)  # its own weights back in cache
                 samples[name] += run(name, block[name])
-    reset(b["costream"])
-    reset(b["anchor"])
+    for m in (b["costream"], b["anchor"]):
+        if m is not None:
+            reset(m)
     lat = {k: statistics.median(v) / 1e3 for k, v in samples.items()}
     return {"threads": threads, "latency_us": lat, "steps": {k: len(v) for k, v in
                                                              samples.items()},
@@ -214,10 +222,12 @@ def derive(res: dict[str, Any], st: dict[str, Any], peak: dict[str, float]) -> N
     compute_us = st["macs"] / (peak["gemm_gmacs"] * 1e3)
     memory_us = st["bytes"] / (peak["bandwidth_gbs"] * 1e3)
     floor = max(compute_us, memory_us)
+    anchor = lat.get("anchor")
     res.update(
-        anchor_over_costream=lat["anchor"] / lat["costream"],
+        anchor_over_costream=None if anchor is None else anchor / lat["costream"],
         window_over_costream=lat["window"] / lat["costream"],
-        best_backend=best, anchor_over_best=lat["anchor"] / lat[best],
+        best_backend=best, anchor_over_best=None if anchor is None else anchor / lat[best],
+        window_over_best=lat["window"] / lat[best],
         gmacs_costream=st["macs"] / (lat["costream"] * 1e3),
         gmacs_best=st["macs"] / (lat[best] * 1e3),
         floor_us=floor, floor_bound="compute" if compute_us >= memory_us else "memory",
@@ -230,7 +240,8 @@ def summarise(rows: list[dict[str, Any]], threads: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for t in threads:
         for fam in FAMILIES:
-            rs = [r["timing"][str(t)] for r in rows if r["family"] == fam]
+            rs = [r["timing"][str(t)] for r in rows
+                  if r["family"] == fam and r["timing"][str(t)]["anchor_over_costream"]]
             if not rs:
                 continue
             eager = [x["anchor_over_costream"] for x in rs]
@@ -239,7 +250,8 @@ def summarise(rows: list[dict[str, Any]], threads: list[int]) -> dict[str, Any]:
                 "median": statistics.median(eager), "worst": min(eager),
                 "median_best_backend": statistics.median(best), "worst_best_backend": min(best),
                 "target": TARGETS[fam], "met": statistics.median(eager) >= TARGETS[fam]
-                and min(eager) >= FLOOR_RATIO, "workloads": len(rs)}
+                and min(eager) >= FLOOR_RATIO, "workloads": len(rs),
+                "without_anchor": sum(1 for r in rows if r["family"] == fam) - len(rs)}
     return out
 
 
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 5)")
     p.add_argument("--quick", action="store_true",
                    help="3 tiny workloads, 1 thread: a smoke run (writes sweep_quick.*)")
+    p.add_argument("--check-only", action="store_true",
+                   help="build and check every workload, time nothing, write nothing")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
@@ -261,18 +275,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (2 if args.quick else 5)
     block_s = 0.005 if args.quick else 0.06
     specs = QUICK if args.quick else draw(args.seed, COUNTS)
+    # families take turns, so that a partial run covers each of them
+    by_family = [[x for x in specs if x.family == f] for f in FAMILIES]
+    specs = [x for group in zip(*by_family) for x in group] + [
+        x for group in by_family for x in group[min(map(len, by_family)):]]
+    stem = "sweep_quick" if args.quick else "sweep"
     report: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/sweep.py", *raw]),
         "machine": machine(continual_inference=continual.__version__), "seed": args.seed,
         "threads": threads, "backends": ["eager", *args.backends], "rows": []}
     start = time.perf_counter()
-    report["peaks"] = {str(t): peaks(t, args.quick) for t in threads}
+    start_peaks = {str(t): peaks(t, args.quick) for t in threads}
+    report["peaks"] = start_peaks
     tmp = tempfile.TemporaryDirectory()
     for spec in specs:
+        t_row = time.perf_counter()
         b = build(spec, args.seed)
         row = {"name": spec.name, "family": spec.family, "params": spec.params,
                "dense_anchor": b["dense_anchor"], "check": check(spec, b),
                "static": static(spec, b), "timing": {}}
+        if args.check_only:
+            print(f"[{spec.name}] {spec.describe()}: {row['check']}, "
+                  f"{row['static']['macs'] / 1e6:.1f} M MACs", flush=True)
+            continue
         onnx = None
         if args.backends:
             onnx = Path(tmp.name) / f"{spec.name}.onnx"
@@ -283,16 +308,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             res = time_workload(spec, b, onnx, args.backends, t, repeats, block_s)
             derive(res, row["static"], report["peaks"][str(t)])
             row["timing"][str(t)] = res
-            print(f"[{spec.name} {t} thr] anchor/costream {res['anchor_over_costream']:.2f}x, "
-                  f"best {res['best_backend']} {res['anchor_over_best']:.2f}x, floor "
+            ratio = res["anchor_over_costream"]
+            print(f"[{spec.name} {t} thr] anchor/costream "
+                  f"{'-' if ratio is None else f'{ratio:.2f}x'}, "
+                  f"window/best {res['window_over_best']:.2f}x ({res['best_backend']}), floor "
                   f"{100 * res['floor_fraction']:.0f} %, other load "
                   f"{res['other_processes_cpus'] or 0:.2f}", flush=True)
+        row["seconds"] = time.perf_counter() - t_row
         report["rows"].append(row)
         del b
+        # after every workload: a partial report (rates measured at the start only)
+        report.update(complete=False, summary=summarise(report["rows"], threads),
+                      elapsed_s=time.perf_counter() - start)
+        write_report(args.out, stem, report, to_markdown(report))
+    if args.check_only:
+        return report
+    # the machine's rates: the better of the measurements before and after the workloads
+    end_peaks = {str(t): peaks(t, args.quick) for t in threads}
+    report["peaks"] = {t: {k: max(v, end_peaks[t][k]) for k, v in p.items()}
+                       for t, p in start_peaks.items()}
+    report["peaks_measured"] = {"start": start_peaks, "end": end_peaks}
+    for row in report["rows"]:
+        for t, res in row["timing"].items():
+            derive(res, row["static"], report["peaks"][t])
     report["summary"] = summarise(report["rows"], threads)
     report["elapsed_s"] = time.perf_counter() - start
-    write_report(args.out, "sweep_quick" if args.quick else "sweep", report,
-                 to_markdown(report))
+    report["complete"] = True
+    write_report(args.out, stem, report, to_markdown(report))
     return report
 
 
