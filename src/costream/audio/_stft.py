@@ -51,7 +51,15 @@ def hops(waveform: Tensor, hop_length: int) -> Tensor:
 
 
 def waveform_of(clip: Tensor) -> Tensor:
-    """The waveform ``(B, samples)`` of a clip of hops ``(B, hop, T)`` (inverse of :func:`hops`)."""
+    """The waveform ``(B, samples)`` of a clip of hops ``(B, hop, T)`` (inverse of :func:`hops`).
+
+    Example:
+        >>> import torch
+        >>> from costream.audio import hops, waveform_of
+        >>> wave = torch.arange(6.0).view(1, 6)
+        >>> torch.equal(waveform_of(hops(wave, 3)), wave)
+        True
+    """
     return clip.transpose(1, 2).reshape(clip.shape[0], -1)
 
 
