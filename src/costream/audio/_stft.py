@@ -2,8 +2,9 @@
 
 A step takes ``hop_length`` new samples, a frame ``(B, hop_length)``; a clip is the waveform cut
 into hops, ``(B, hop_length, T)`` (see :func:`hops`). The state is a ring of the last samples the
-next frame still needs (``n_fft - hop_length`` of them, rounded up to whole hops), so a step costs
-one windowed FFT of ``n_fft`` samples, the same as one frame of :func:`torch.stft`.
+next frame still needs (``n_fft - hop_length`` of them, rounded up to whole hops; with ``center``
+``n_fft // 2 + delay * hop_length``), so a step costs one windowed FFT of ``n_fft`` samples, the
+same as one frame of :func:`torch.stft`.
 
 ``center=True`` (reflect padding of ``n_fft // 2`` samples at both ends, as ``torch.stft`` and
 librosa do) is emulated: a frame that reaches before the stream start reads the mirrored samples
