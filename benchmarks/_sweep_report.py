@@ -28,6 +28,11 @@ def _check(c: dict[str, Any], dense: bool) -> str:
     return text + ("; dense anchor" if dense else "")
 
 
+def _anchor_macs(st: dict[str, Any]) -> str:
+    a = st.get("anchor_macs")
+    return "-" if a is None else f"{a / st['macs']:.1f}x"
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
@@ -66,7 +71,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "", "## Per workload", "",
         "Latency: median µs per step, implementations interleaved in blocks (order rotating). "
         "costream = eager `forward_step`; " + ", ".join(backends) + " = costream's exported "
-        "step (`make_step`). GMAC/s: MACs per step / costream's eager step. Floor: "
+        "step (`make_step`). MACs: per costream step (in brackets: the anchor's per step, "
+        "relative). GMAC/s: MACs per step / costream's eager step. Floor: "
         "max(MACs / peak GEMM rate, bytes / bandwidth) (bytes: parameters once, state read "
         "and written, frame, output); floor % = floor / fastest costream step. Per layer: "
         "(fastest step - floor) / conv, linear and attention layers: the fixed cost per "
@@ -78,7 +84,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         "RetroactiveLambda), so those encoders are compared with the window and the torch "
         "model only.", "",
         "| workload | threads | costream | anchor | window | " + " | ".join(backends)
-        + " | anchor / costream | window / costream | best | anchor / best | MACs | GMAC/s "
+        + " | anchor / costream | window / costream | best | anchor / best | MACs (anchor's) "
+        "| GMAC/s "
         "| floor µs (bound) | floor % | per layer µs | other load | check |",
         "|---|---|---|---|---|" + "---|" * len(backends) + "---|---|---|---|---|---|---|---"
         "|---|---|---|",
@@ -91,7 +98,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['name']} | {t} | {cells} | {_x(res['anchor_over_costream'])} | "
                 f"{res['window_over_costream']:.2f}x | {res['best_backend']} | "
-                f"{_x(res['anchor_over_best'])} | {_macs(r['static']['macs'])} | "
+                f"{_x(res['anchor_over_best'])} | {_macs(r['static']['macs'])} "
+                f"({_anchor_macs(r['static'])}) | "
                 f"{res['gmacs_costream']:.1f} | {_us(res['floor_us'])} ({res['floor_bound']}) "
                 f"| {100 * res['floor_fraction']:.0f} % | {res['overhead_per_layer_us']:.1f} | "
                 f"{res['other_processes_cpus'] or 0:.2f} | "

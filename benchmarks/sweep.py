@@ -137,10 +137,19 @@ def static(spec: Spec, b: dict[str, Any]) -> dict[str, Any]:
         macs = counted_macs(lambda: co.forward_step(clip[:, :, -1]))["total"]
         state = state_bytes(co.get_state()["tree"])
         y = co.forward_step(clip[:, :, 0])
+        anchor_macs = None
+        if b["anchor"] is not None:  # what the anchor executes per step
+            an = b["anchor"]
+            reset(an)
+            for t in range(clip.shape[2] - 1):
+                an.forward_step(clip[:, :, t])
+            anchor_macs = counted_macs(lambda: an.forward_step(clip[:, :, -1]))["total"]
+            reset(an)
     reset(co)
     params = sum(p.numel() * p.element_size() for p in co.parameters())
     frame = clip[:, :, 0].numel() * 4
-    return {"macs": macs, "param_bytes": params, "state_bytes": state,
+    return {"macs": macs, "anchor_macs": anchor_macs, "param_bytes": params,
+            "state_bytes": state,
             "bytes": params + 2 * state + frame + y.numel() * 4,
             "layers": sum(1 for m in b["model"].modules() if isinstance(
                 m, (nn.Conv1d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)))}
