@@ -1,4 +1,12 @@
-"""Deployment runtime: many streams at once, stream-state checkpoints, compiled stepping."""
+"""Deployment runtime: many streams at once, stream-state checkpoints, compiled stepping.
+
+``BACKENDS`` names the step backends that :func:`make_step` and ``StreamEngine(backend=...)``
+accept:
+
+    >>> from costream.runtime import BACKENDS
+    >>> "eager" in BACKENDS and "onnxruntime" in BACKENDS
+    True
+"""
 
 from ._backends import BACKENDS, make_step
 from ._checkpoint import load_engine, load_stream, save_engine, save_stream
