@@ -61,10 +61,10 @@ def load_thumos_features(source: str | Path | bytes) -> dict[str, dict[str, np.n
         ...                "anno": np.eye(3)[[0, 0, 1, 1, 2]]}}
         >>> load_thumos_features(pickle.dumps(data))["v1"]["anno"].shape
         (5, 3)
-        >>> load_thumos_features(pickle.dumps(print))
+        >>> load_thumos_features(pickle.dumps(len))
         Traceback (most recent call last):
         ...
-        _pickle.UnpicklingError: refusing to load builtins.print: ...
+        _pickle.UnpicklingError: refusing to load builtins.len: ...
     """
     raw = source if isinstance(source, bytes) else Path(source).read_bytes()
     data = _NumpyOnlyUnpickler(io.BytesIO(raw)).load()
