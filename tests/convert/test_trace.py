@@ -550,7 +550,22 @@ class GatedChunks(nn.Module):
         return y.transpose(1, 2).reshape(x.size(0), 5, -1)
 
 
-@pytest.mark.parametrize("model", [StridedResidual, GatedChunks])
+class PaddingModules(nn.Module):
+    """Causal padding with nn.ConstantPad1d modules, grouped convs, and F.pad of time and
+    channels at once with a keyword value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.ConstantPad1d((2, 0), 0.0), nn.Conv1d(4, 8, 3, groups=2),
+                                 nn.BatchNorm1d(8), nn.ReLU(), nn.ConstantPad1d((4, 0), 0.0),
+                                 nn.Conv1d(8, 8, 3, dilation=2))
+
+    def forward(self, x):
+        wide = F.pad(x.unsqueeze(1), (1, 0, 0, 4), value=0.5).squeeze(1)[:, :, :-1]
+        return self.net(x) + wide
+
+
+@pytest.mark.parametrize("model", [StridedResidual, GatedChunks, PaddingModules])
 def test_everyday_blocks(model):
     torch.manual_seed(0)
     _exact(model(), torch.randn(2, 4, 21))

@@ -340,6 +340,9 @@ class _Builder:
         if isinstance(m, _RECURRENT):
             raise _Block("recurrent layers are converted directly (continual(rnn)), not "
                          "inside a traced graph")
+        if isinstance(m, nn.modules.padding._ConstantPadNd) and len(streams) == 1 and \
+                isinstance(ta, int) and self._pad(fxn, src, m.padding, "constant", m.value):
+            return
         if isinstance(m, _ADAPTIVE):
             self._adaptive(fxn, m, src, lambda w: self.convert(m, fxn.target, w))
             return
@@ -456,7 +459,11 @@ class _Builder:
             return
         if (t is F.pad or name == "pad") and len(streams) == 1 and isinstance(src.time_axis,
                                                                                int):
-            if self._pad(fxn, src):
+            args, kwargs = self._static_args(fxn)
+            pads = args[1] if len(args) > 1 else kwargs.get("pad")
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
+            if self._pad(fxn, src, pads, mode, value):
                 return
         if name in _REDUCTIONS and len(streams) == 1 and isinstance(src.time_axis, int):
             if self._reduce(fxn, src, name):
@@ -653,11 +660,10 @@ class _Builder:
                       streams=[cur.index], time_axis=self._axis(fxn), geometry=cur.geometry)
         return n is not None
 
-    def _pad(self, fxn: fx.Node, src: Node) -> bool:
-        args, kwargs = self._static_args(fxn)
-        pads = list(args[1] if len(args) > 1 else kwargs.get("pad"))
-        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
-        value = args[3] if len(args) > 3 else kwargs.get("value", 0.0)
+    def _pad(self, fxn: fx.Node, src: Node, pads: list, mode: str, value: Any) -> bool:
+        """Constant padding along time (``F.pad`` or a padding module): a :class:`Pad`, and
+        the padding of other dims (if any) as an op on each frame."""
+        pads = list(pads)
         ndim = self.v1[fxn.args[0]].dim()
         k = ndim - 1 - src.time_axis
         if 2 * k + 1 >= len(pads) or (pads[2 * k] == 0 and pads[2 * k + 1] == 0):
@@ -667,17 +673,16 @@ class _Builder:
             raise _Block(f"pads time with mode {mode!r} (only constant padding can stream)")
         if start < 0 or end < 0:
             raise _Block("negative padding along time")
-        co = Pad(start, end, 0.0 if value is None else value)
+        value = 0.0 if value is None else value
+        co = Pad(start, end, value)
         cur = self._add(fxn, "co", co=co, source=src.index, time_axis=src.time_axis,
                         geometry=src.geometry.then(co.temporal))
         pads[2 * k] = pads[2 * k + 1] = 0
         if any(pads):
             self.index.pop(fxn)
-            rest = dict(kwargs)
-            rest.pop("pad", None)
-            a = (Ref(cur.index), tuple(pads), *[v for v in args[2:]])
-            self._add(fxn, "fn", fn=F.pad, args=a, kwargs={}, streams=[cur.index],
-                      time_axis=src.time_axis, geometry=cur.geometry)
+            self._add(fxn, "fn", fn=F.pad, args=(Ref(cur.index), tuple(pads), "constant", value),
+                      kwargs={}, streams=[cur.index], time_axis=src.time_axis,
+                      geometry=cur.geometry)
         return True
 
     def _reduce(self, fxn: fx.Node, src: Node, name: str) -> bool:
