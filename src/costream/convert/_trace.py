@@ -190,8 +190,7 @@ class _Builder:
             todo += [n.source] if n.source >= 0 else []
             todo += n.streams
             refs: list[int] = []
-            _collect(n.args, refs)
-            _collect(n.kwargs, refs)
+            _map((n.args, n.kwargs), refs.append)
             todo += refs
         return keep
 
@@ -205,8 +204,8 @@ class _Builder:
             n.source = new[n.source] if n.source >= 0 else -1
             n.streams = [new[i] for i in n.streams]
             n.lines = [(new[i], length) for i, length in n.lines]
-            n.args = _remap(n.args, new)
-            n.kwargs = _remap(n.kwargs, new)
+            n.args = _map(n.args, lambda i: Ref(new[i]))
+            n.kwargs = _map(n.kwargs, lambda i: Ref(new[i]))
             nodes.append(n)
         return nodes
 
@@ -300,9 +299,10 @@ class _Builder:
 
     def _refs(self, fxn: fx.Node) -> tuple[tuple, dict]:
         idx = self.index
-        args = fx.node.map_arg(fxn.args, lambda a: _RefBox(idx[a]))
-        kwargs = fx.node.map_arg(fxn.kwargs, lambda a: _RefBox(idx[a]))
-        return _unbox(args), _unbox(kwargs)
+        # fx's immutable containers become plain ones (the Ref -> Ref map rebuilds them)
+        args = _map(fx.node.map_arg(fxn.args, lambda a: Ref(idx[a])), Ref)
+        kwargs = _map(fx.node.map_arg(fxn.kwargs, lambda a: Ref(idx[a])), Ref)
+        return args, kwargs
 
     def _callable(self, fxn: fx.Node) -> Callable[..., Any]:
         if fxn.op == "call_module":
@@ -752,54 +752,6 @@ _LIBRARY_DIRS += (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + 
 
 class _Block(Exception):
     """Internal: this node cannot stream (the message is the reason)."""
-
-
-class _RefBox:
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-
-def _unbox(obj: Any) -> Any:
-    if isinstance(obj, _RefBox):
-        return Ref(obj.index)
-    if isinstance(obj, tuple):
-        return tuple(_unbox(o) for o in obj)
-    if isinstance(obj, list):
-        return [_unbox(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _unbox(v) for k, v in obj.items()}
-    if isinstance(obj, slice):
-        return slice(_unbox(obj.start), _unbox(obj.stop), _unbox(obj.step))
-    return obj
-
-
-def _collect(obj: Any, out: list[int]) -> None:
-    if isinstance(obj, Ref):
-        out.append(obj.index)
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            _collect(o, out)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            _collect(o, out)
-    elif isinstance(obj, slice):
-        _collect((obj.start, obj.stop, obj.step), out)
-
-
-def _remap(obj: Any, new: dict[int, int]) -> Any:
-    if isinstance(obj, Ref):
-        return Ref(new[obj.index])
-    if isinstance(obj, tuple):
-        return tuple(_remap(o, new) for o in obj)
-    if isinstance(obj, list):
-        return [_remap(o, new) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _remap(v, new) for k, v in obj.items()}
-    if isinstance(obj, slice):
-        return slice(_remap(obj.start, new), _remap(obj.stop, new), _remap(obj.step, new))
-    return obj
 
 
 def _narrowed(v: Any, axis: Any, t: int | None) -> Any:
