@@ -569,3 +569,13 @@ class PaddingModules(nn.Module):
 def test_everyday_blocks(model):
     torch.manual_seed(0)
     _exact(model(), torch.randn(2, 4, 21))
+
+
+def test_bad_input_is_one_readable_line():
+    model = WaveNet()
+    for kwargs, match in (({"example": torch.randn(1, 5, 10)}, "example clip"),
+                          ({"time_dim": 0}, "time_dim"),
+                          ({"example": torch.randn(4)}, "example must be a clip")):
+        with pytest.raises(ValueError, match=match) as info:
+            cs.continual(model, **kwargs)
+        assert "\n" not in str(info.value)

@@ -145,8 +145,9 @@ class _Builder:
         try:
             v1, v2 = self._run(x1), self._run(x2)
         except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"running {type(self.model).__name__} on the example clip "
-                             f"{tuple(x1.shape)} failed: {err}") from None
+                             f"{tuple(x1.shape)} failed: {first}") from None
         self.v1, self.v2 = v1, v2
         output = None
         for fxn in self.gm.graph.nodes:
