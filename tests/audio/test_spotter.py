@@ -74,3 +74,37 @@ def test_detector_rising_edges_and_refractory() -> None:
     det = Detector(keywords=[0], threshold=0.5, refractory=3)
     fired = [det.update(torch.tensor([p])) for p in (0.9, 0.1, 0.9, 0.1, 0.1, 0.9)]
     assert fired == [[0], [], [], [], [], [0]]  # the edge at hop 2 is within the refractory
+
+
+def test_detector_smooths_posteriors_over_the_last_hops() -> None:
+    det = Detector(keywords=[1], threshold=0.6, refractory=0, smooth=3)
+    # scores: 0.9 (one hop: fires), 0.5, 0.4, 0.4 (the spike at hop 3 is averaged away),
+    # 0.667 (fires), 0.9, 0.6, 0.3, 0.0
+    probs = [0.9, 0.1, 0.2, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0]
+    fired = [det.update([0.0, p]) for p in probs]
+    assert [h for h, f in enumerate(fired) if f] == [0, 4]
+    with pytest.raises(ValueError, match="smooth"):
+        Detector([0], 0.5, 1, smooth=0)
+
+
+@pytest.mark.parametrize("smooth,refractory", [(1, 0), (1, 7), (4, 3), (12, 25)])
+def test_detector_scan_equals_stepping_hop_by_hop(smooth: int, refractory: int) -> None:
+    g = torch.Generator().manual_seed(smooth * 100 + refractory)
+    # bursts of high posteriors on a low background, as a stream of keywords gives
+    probs = torch.rand(2000, 5, generator=g) ** 4
+    probs[torch.rand(2000, generator=g) < 0.05, 2] = 0.97
+    probs = torch.nn.functional.avg_pool1d(probs.T[None], 5, 1, 2)[0].T.mul(6).softmax(1)
+    counts = []
+    for threshold in (0.3, 0.5, 0.7):
+        det = Detector([0, 2, 3], threshold, refractory, smooth=smooth)
+        stepped = [(t, k) for t, row in enumerate(probs) for k in det.update(row)]
+        counts.append(len(stepped))
+        assert Detector([0, 2, 3], threshold, refractory, smooth=smooth).scan(probs) == stepped
+    assert counts[0] > counts[-1] >= 0 and counts[0] > 10  # thresholds crossed, and they matter
+
+
+def test_spotter_checkpoint_keeps_the_smoothing(tmp_path) -> None:
+    save_spotter(tmp_path / "s.pt", spotter_network(3, channels=8), {}, {"channels": 8},
+                 ["a", "b", "_unknown_"], [0, 1], 0.8, smooth=7)
+    loaded = load_spotter(tmp_path / "s.pt")
+    assert loaded["smooth"] == 7 and loaded["threshold"] == 0.8

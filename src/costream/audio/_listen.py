@@ -44,11 +44,14 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def listen(model_path: str | Path, wav: str | Path, fast: bool = False,
-           threshold: float | None = None, out=print) -> list[tuple[float, str, float]]:
+           threshold: float | None = None, smooth: int | None = None,
+           out=print) -> list[tuple[float, str, float]]:
     """Stream ``wav`` hop by hop through the spotter at ``model_path``; print detections.
 
-    Returns the detections as ``(seconds, keyword, posterior)``, the time being the end of the
-    hop at which the keyword was detected. Without ``fast`` it keeps real-time pace.
+    Returns the detections as ``(seconds, keyword, score)``, the time being the end of the
+    hop at which the keyword was detected and the score its posterior averaged over the last
+    ``smooth`` hops (see :class:`Detector`). ``threshold`` and ``smooth`` default to the ones
+    saved with the model. Without ``fast`` it keeps real-time pace.
 
     Example:
         >>> import os, tempfile, wave
@@ -72,7 +75,10 @@ def listen(model_path: str | Path, wav: str | Path, fast: bool = False,
     if wav_rate != rate:
         raise SystemExit(f"{wav} is sampled at {wav_rate} Hz; the model expects {rate} Hz")
     th = spotter["threshold"] if threshold is None else float(threshold)
-    det = Detector(spotter["keywords"], th, round(rate / hop))  # refractory: 1 s
+    n = spotter["smooth"] if smooth is None else int(smooth)
+    if n < 1:
+        raise SystemExit(f"--smooth must be at least 1 hop, got {n}")
+    det = Detector(spotter["keywords"], th, round(rate / hop), smooth=n)  # refractory: 1 s
     model = spotter["model"]
     wave_t = torch.from_numpy(np.ascontiguousarray(audio))
     found = []
@@ -84,11 +90,11 @@ def listen(model_path: str | Path, wav: str | Path, fast: bool = False,
             y = model.forward_step(wave_t[t * hop:(t + 1) * hop].view(1, hop))
             if y is None:
                 continue
-            probs = y[0].softmax(0)
-            for k in det.update(probs):
+            for k in det.update(y[0].softmax(0)):
                 sec = (t + 1) * hop / rate
-                found.append((sec, classes[k], float(probs[k])))
-                out(f"{sec:8.2f} s  {classes[k]}  ({float(probs[k]):.2f})")
+                score = sum(h[det.keywords.index(k)] for h in det.history) / len(det.history)
+                found.append((sec, classes[k], score))
+                out(f"{sec:8.2f} s  {classes[k]}  ({score:.2f})")
     took = time.perf_counter() - start
     out(f"{len(found)} detections in {len(audio) / rate:.1f} s of audio ({took:.1f} s)")
     return found
@@ -101,10 +107,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast", action="store_true", help="as fast as possible (default: real time)")
     p.add_argument("--threshold", type=float, default=None,
                    help="detection threshold (default: the one saved with the model)")
+    p.add_argument("--smooth", type=int, default=None,
+                   help="hops the posteriors are averaged over before the threshold (default: "
+                        "the number saved with the model)")
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
-    listen(args.model, args.wav, fast=args.fast, threshold=args.threshold,
+    listen(args.model, args.wav, fast=args.fast, threshold=args.threshold, smooth=args.smooth,
            out=lambda m: print(m, flush=True))
     return 0

@@ -101,8 +101,10 @@ def spotter_front_end(sample_rate: int = 16000, n_fft: int = 480, hop_length: in
 
 
 def save_spotter(path: str | Path, network: nn.Module, front: dict, net: dict,
-                 classes: list[str], keywords: list[int], threshold: float) -> None:
-    """Save a trained spotter: its settings, class names, threshold and ``state_dict``.
+                 classes: list[str], keywords: list[int], threshold: float,
+                 smooth: int = 1) -> None:
+    """Save a trained spotter: its settings, class names, detection threshold and smoothing
+    (hops, see :class:`Detector`) and ``state_dict``.
 
     Example:
         >>> import tempfile, os
@@ -115,7 +117,7 @@ def save_spotter(path: str | Path, network: nn.Module, front: dict, net: dict,
     """
     torch.save({"format": FORMAT, "version": 1, "front": dict(front), "net": dict(net),
                 "classes": list(classes), "keywords": list(keywords),
-                "threshold": float(threshold),
+                "threshold": float(threshold), "smooth": int(smooth),
                 "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}},
                str(path))
 
@@ -155,14 +157,20 @@ def load_spotter(path: str | Path) -> dict[str, Any]:
     network.eval()
     front = spotter_front_end(**ckpt["front"])
     model = Sequential(*front, *continual(fold_batch_norms(network))).eval()
+    ckpt.setdefault("smooth", 1)  # spotters saved before smoothing existed
     return dict(ckpt, network=network, front_end=front, model=model)
 
 
 class Detector:
     """Turns per-hop class posteriors into keyword detections.
 
-    A keyword is detected when its posterior reaches ``threshold`` after having been below it
-    (a rising edge), and not within ``refractory`` hops of its previous detection.
+    The score of a keyword at a hop is its posterior averaged over the last ``smooth`` hops
+    (fewer at the start of the stream; ``smooth=1``: the posterior itself). A keyword is
+    detected when its score reaches ``threshold`` after having been below it (a rising edge),
+    and not within ``refractory`` hops of its previous detection; an edge held back by the
+    refractory period fires at the first later hop of the same run above the threshold.
+    Averaging posteriors over a few hundred milliseconds keeps a spoken keyword (many hops
+    above threshold) and drops brief confident spikes, the usual source of false alarms.
 
     Example:
         >>> import torch
@@ -170,21 +178,37 @@ class Detector:
         >>> det = Detector(keywords=[0, 1], threshold=0.8, refractory=3)
         >>> [det.update(torch.tensor([p, 0.0, 1 - p])) for p in (0.5, 0.9, 0.95, 0.9, 0.2, 0.9)]
         [[], [0], [], [], [], [0]]
+        >>> det = Detector(keywords=[0], threshold=0.8, refractory=3, smooth=2)
+        >>> [det.update([p, 1 - p]) for p in (0.5, 0.9, 0.95, 0.9, 0.2, 0.9)]
+        [[], [], [0], [], [], []]
     """
 
-    def __init__(self, keywords: list[int], threshold: float, refractory: int) -> None:
-        self.keywords = list(keywords)
+    def __init__(self, keywords: Sequence[int], threshold: float, refractory: int,
+                 smooth: int = 1) -> None:
+        self.keywords = [int(k) for k in keywords]
         self.threshold, self.refractory = float(threshold), int(refractory)
+        self.smooth = int(smooth)
+        if self.smooth < 1:
+            raise ValueError(f"smooth must be at least 1 hop, got {smooth}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stream: no history, every keyword armed."""
         self.last = {k: -10 ** 9 for k in self.keywords}
         self.armed = {k: True for k in self.keywords}
+        self.history: list[list[float]] = []
         self.t = 0
 
     def update(self, probs: Tensor | Sequence[float]) -> list[int]:
         """Posteriors of one hop ``(n_classes,)`` (a tensor or a sequence of floats); returns
         the keywords detected at this hop."""
+        row = [float(probs[k]) for k in self.keywords]
+        self.history = [*self.history[1 - self.smooth:], row] if self.smooth > 1 else [row]
+        n = len(self.history)
         fired = []
-        for k in self.keywords:
-            if float(probs[k]) < self.threshold:
+        for i, k in enumerate(self.keywords):
+            score = sum(h[i] for h in self.history) / n if n > 1 else row[i]
+            if score < self.threshold:
                 self.armed[k] = True
             elif self.armed[k] and self.t - self.last[k] > self.refractory:
                 fired.append(k)
@@ -192,3 +216,51 @@ class Detector:
                 self.armed[k] = False
         self.t += 1
         return fired
+
+    def scores(self, probs: Tensor) -> Tensor:
+        """The smoothed scores ``(T, len(keywords))`` of posteriors ``(T, n_classes)`` of a
+        whole stream (what :meth:`update` compares with the threshold, hop by hop).
+
+        Example:
+            >>> import torch
+            >>> from costream.audio import Detector
+            >>> Detector([0], 0.5, 10, smooth=2).scores(torch.tensor([[0.2], [0.6], [1.0]]))
+            tensor([[0.2000],
+                    [0.4000],
+                    [0.8000]], dtype=torch.float64)
+        """
+        p = torch.as_tensor(probs, dtype=torch.float64)[:, self.keywords]
+        if self.smooth == 1:
+            return p
+        c = torch.cat([p.new_zeros(1, p.shape[1]), p.cumsum(0)])
+        n = torch.arange(1, p.shape[0] + 1, dtype=p.dtype).clamp(max=self.smooth)[:, None]
+        lo = (torch.arange(1, p.shape[0] + 1) - self.smooth).clamp(min=0)
+        return (c[1:] - c[lo]) / n
+
+    def scan(self, probs: Tensor) -> list[tuple[int, int]]:
+        """Detections ``(hop, keyword)`` over posteriors ``(T, n_classes)`` of a whole stream,
+        as :meth:`update` would make them hop by hop from a fresh detector (vectorised: cheap
+        enough to sweep thresholds over hours of audio). The detector's state is not used.
+
+        Example:
+            >>> import torch
+            >>> from costream.audio import Detector
+            >>> p = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [0.9, 0.1], [0.95, 0.05]])
+            >>> Detector([0], 0.8, refractory=2).scan(p)
+            [(1, 0), (4, 0)]
+        """
+        import numpy as np
+
+        above = (self.scores(probs) >= self.threshold).numpy()
+        found = []
+        for i, k in enumerate(self.keywords):
+            a = np.concatenate([[False], above[:, i], [False]])
+            starts = np.flatnonzero(a[1:] & ~a[:-1])
+            ends = np.flatnonzero(~a[1:] & a[:-1])  # runs [start, end) above the threshold
+            last = -10 ** 9
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                t = max(s, last + self.refractory + 1)
+                if t < e:
+                    found.append((t, k))
+                    last = t
+        return sorted(found)
