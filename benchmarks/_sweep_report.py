@@ -42,6 +42,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Sweep: costream vs continual-inference vs sliding window on drawn workloads", "",
         f"Command: `{report['command']}`", "",
+        *[line for n in report.get("notes", []) for line in (n, "")],
         *([] if report.get("complete") else [
             f"**Partial run: {len(report['rows'])} workloads measured; the run was stopped "
             "or is still going. Rates (peaks) from the start of the run only.**", ""]),
@@ -56,17 +57,25 @@ def to_markdown(report: dict[str, Any]) -> str:
         "## Per family: anchor / costream (eager `forward_step`; in brackets the fastest "
         "backend)", "",
         "| family | threads | workloads (without anchor) | median | worst | median (best "
-        "backend) | worst (best backend) | target median | met (and no workload < 3x) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "backend) | worst (best backend) | ceiling: median (worst) | target median | met (and "
+        "no workload < 3x) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, s in report["summary"].items():
         fam, t = key.split("/")
         lines.append(f"| {NAMES[fam]} | {t} | {s['workloads']} ({s['without_anchor']}) | "
                      f"{s['median']:.2f}x | "
                      f"{s['worst']:.2f}x | {s['median_best_backend']:.2f}x | "
-                     f"{s['worst_best_backend']:.2f}x | {s['target']:g}x | "
+                     f"{s['worst_best_backend']:.2f}x | {s['median_ceiling']:.2f}x "
+                     f"({s['worst_ceiling']:.2f}x) | {s['target']:g}x | "
                      f"{'yes' if s['met'] else 'NO'} |")
     backends = [b for b in report["backends"] if b != "eager"]
+    lines += [
+        "", "Ceiling: anchor time / costream's roofline floor, the largest ratio over the anchor "
+        "that any implementation of costream's step (its MACs and bytes) could reach on this "
+        "machine. Where the median ceiling is below a target, the target cannot be met by "
+        "making the step faster, only by doing less arithmetic per step.", "",
+    ]
     lines += [
         "", "## Per workload", "",
         "Latency: median µs per step, implementations interleaved in blocks (order rotating). "
@@ -86,9 +95,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| workload | threads | costream | anchor | window | " + " | ".join(backends)
         + " | anchor / costream | window / costream | best | anchor / best | MACs (anchor's) "
         "| GMAC/s "
-        "| floor µs (bound) | floor % | per layer µs | other load | check |",
+        "| floor µs (bound) | floor % | ceiling | per layer µs | other load | check |",
         "|---|---|---|---|---|" + "---|" * len(backends) + "---|---|---|---|---|---|---|---"
-        "|---|---|---|",
+        "|---|---|---|---|",
     ]
     for r in report["rows"]:
         for t, res in r["timing"].items():
@@ -101,7 +110,8 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{_x(res['anchor_over_best'])} | {_macs(r['static']['macs'])} "
                 f"({_anchor_macs(r['static'])}) | "
                 f"{res['gmacs_costream']:.1f} | {_us(res['floor_us'])} ({res['floor_bound']}) "
-                f"| {100 * res['floor_fraction']:.0f} % | {res['overhead_per_layer_us']:.1f} | "
+                f"| {100 * res['floor_fraction']:.0f} % | {_x(res.get('ceiling'))} | "
+                f"{res['overhead_per_layer_us']:.1f} | "
                 f"{res['other_processes_cpus'] or 0:.2f} | "
                 f"{_check(r['check'], r['dense_anchor'])} |")
     lines += ["", "## Workloads", ""]

@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import statistics
 import sys
@@ -241,6 +242,7 @@ def derive(res: dict[str, Any], st: dict[str, Any], peak: dict[str, float]) -> N
         gmacs_best=st["macs"] / (lat[best] * 1e3),
         floor_us=floor, floor_bound="compute" if compute_us >= memory_us else "memory",
         floor_fraction=floor / lat[best],
+        ceiling=None if anchor is None else anchor / floor,
         overhead_per_layer_us=(lat[best] - floor) / max(1, st["layers"]))
 
 
@@ -255,13 +257,27 @@ def summarise(rows: list[dict[str, Any]], threads: list[int]) -> dict[str, Any]:
                 continue
             eager = [x["anchor_over_costream"] for x in rs]
             best = [x["anchor_over_best"] for x in rs]
+            ceiling = [x["ceiling"] for x in rs]
             out[f"{fam}/{t}"] = {
                 "median": statistics.median(eager), "worst": min(eager),
                 "median_best_backend": statistics.median(best), "worst_best_backend": min(best),
+                "median_ceiling": statistics.median(ceiling), "worst_ceiling": min(ceiling),
                 "target": TARGETS[fam], "met": statistics.median(eager) >= TARGETS[fam]
                 and min(eager) >= FLOOR_RATIO, "workloads": len(rs),
                 "without_anchor": sum(1 for r in rows if r["family"] == fam) - len(rs)}
     return out
+
+
+def rerender(path: Path) -> dict[str, Any]:
+    """Derived columns and summary of a recorded run recomputed from its own measurements."""
+    report = json.loads(Path(path).read_text())
+    for row in report["rows"]:
+        for t, res in row["timing"].items():
+            derive(res, row["static"], report["peaks"][t])
+    report["summary"] = summarise(report["rows"], [int(t) for t in report["threads"]])
+    stem = Path(path).stem
+    write_report(Path(path).parent, stem, report, to_markdown(report))
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -278,7 +294,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--check-only", action="store_true",
                    help="build and check every workload, time nothing, write nothing")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--rerender", type=Path, default=None, metavar="JSON",
+                   help="recompute the derived columns of a recorded run's JSON (its own "
+                        "measurements) and rewrite its JSON and Markdown; time nothing")
     args = p.parse_args(argv)
+    if args.rerender is not None:
+        return rerender(args.rerender)
     raw = sys.argv[1:] if argv is None else argv
     threads = args.threads or ([1] if args.quick else [1, 2])
     repeats = args.repeats or (2 if args.quick else 5)
