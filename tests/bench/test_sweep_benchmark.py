@@ -36,6 +36,22 @@ def test_sweep_quick(tmp_path: Any) -> None:
         assert res["anchor_over_costream"] == pytest.approx(ratio)
         assert row["static"]["macs"] > 0 and 0 < res["floor_fraction"]
         assert res["floor_us"] * 1e3 >= row["static"]["macs"] / peak["gemm_gmacs"] * (1 - 1e-9)
+        assert res["ceiling"] == pytest.approx(res["latency_us"]["anchor"] / res["floor_us"])
     assert set(report["summary"]) == {"tcn/1", "cnn3d/1", "transformer/1"}
     table = (tmp_path / "sweep_quick.md").read_text()
     assert "python benchmarks/sweep.py --quick" in table and "| trf_tiny | 1 |" in table
+
+    # --rerender recomputes the derived columns from the recorded measurements alone
+    report["notes"] = ["a note kept across re-rendering"]
+    for row in report["rows"]:
+        del row["timing"]["1"]["ceiling"]
+    (tmp_path / "sweep_quick.json").write_text(json.dumps(report))
+    proc = subprocess.run([sys.executable, str(script), "--rerender",
+                           str(tmp_path / "sweep_quick.json")], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = json.loads((tmp_path / "sweep_quick.json").read_text())
+    for row in again["rows"]:
+        res = row["timing"]["1"]
+        assert res["ceiling"] == pytest.approx(res["latency_us"]["anchor"] / res["floor_us"])
+    assert "a note kept across re-rendering" in (tmp_path / "sweep_quick.md").read_text()
