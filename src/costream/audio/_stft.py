@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core._module import Age, CoModule, advance
+from ..core._module import Age, CoModule, advance, crop_warm_up
 from ..core._temporal import Temporal
 from ._exact import constant_as, register_constant
 
@@ -208,11 +208,7 @@ class STFT(CoModule):
         if self._reflecting:
             new["count"] = state["count"] + t
         out_age, out_phase = advance(age, phase, self._lag, 1)
-        if isinstance(out_age, int) and out_age < 0:
-            y = y[:, :, -out_age:]
-            if y.shape[2] == 0:
-                return None, new, None, 0
-            out_age = out_phase = 0
+        y, out_age, out_phase = crop_warm_up(y, out_age, out_phase)
         return y, new, out_age, out_phase
 
     def _flush(self, state: dict, age: Age, phase: int):

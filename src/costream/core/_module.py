@@ -54,6 +54,21 @@ def chunk_emissions(length: int, phase: int, delay: int, stride: int) -> tuple[i
     return first, max(0, (length - first + stride - 1) // stride)
 
 
+def crop_warm_up(y: Tensor, age: Age, phase: int) -> tuple[Tensor | None, Age, int]:
+    """A chunk's outputs ``y`` (time at dim 2) without those still in the warm-up.
+
+    ``(age, phase)`` is the chunk's first output as :func:`advance` gives it; a known negative
+    age means its first ``-age`` outputs are not due yet. Returns ``(y, age, phase)``, with
+    ``y`` ``None`` (and ``age`` ``None``) when no output is left.
+    """
+    if not isinstance(age, int) or age >= 0:
+        return y, age, phase
+    y = y[:, :, -age:]
+    if y.shape[2] == 0:
+        return None, None, 0
+    return y, 0, 0
+
+
 def shift(age: Age, phase: int, n: int) -> tuple[Age, int]:
     """``(age, phase)`` ``n`` frames later."""
     if age is None:

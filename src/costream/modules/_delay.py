@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..core._module import Age, CoModule, advance
+from ..core._module import Age, CoModule, advance, crop_warm_up
 from ..core._temporal import Temporal
 
 
@@ -58,11 +58,7 @@ class Delay(CoModule):
         new = tuple(seq[:, :, t + i] for i in range(self.n))
         y = seq[:, :, :t]
         out_age, out_phase = advance(age, phase, self.n, 1)
-        if isinstance(out_age, int) and out_age < 0:
-            y = y[:, :, -out_age:]
-            if y.shape[2] == 0:
-                return None, new, None, 0
-            out_age = out_phase = 0
+        y, out_age, out_phase = crop_warm_up(y, out_age, out_phase)
         return y, new, out_age, out_phase
 
     def _flush(self, state: tuple, age: Age, phase: int):
@@ -105,11 +101,7 @@ class Skip(CoModule):
 
     def _steps(self, x: Tensor, state: Any, age: Age, phase: int):
         out_age, out_phase = advance(age, phase, self.n, 1)
-        if isinstance(out_age, int) and out_age < 0:
-            x = x[:, :, -out_age:]
-            if x.shape[2] == 0:
-                return None, state, None, 0
-            out_age = out_phase = 0
+        x, out_age, out_phase = crop_warm_up(x, out_age, out_phase)
         return x, state, out_age, out_phase
 
     def _clip(self, x: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core._module import Age, CoModule, advance, chunk_emissions, emits
+from ..core._module import Age, CoModule, advance, chunk_emissions, crop_warm_up, emits
 from ..core._temporal import Temporal, as_ints
 
 
@@ -103,11 +103,7 @@ class _WindowPool(CoModule):
         out_age, out_phase = advance(None if age is None else age + first, phase + first,
                                      delay, s)
         y = self._window_op(win[:, :, first:], s)[:, :, :n]
-        if isinstance(out_age, int) and out_age < 0:
-            y = y[:, :, -out_age:]
-            if y.shape[2] == 0:
-                return None, new, None, 0
-            out_age = out_phase = 0
+        y, out_age, out_phase = crop_warm_up(y, out_age, out_phase)
         return y, new, out_age, out_phase
 
     def _flush(self, state: tuple, age: Age, phase: int):
