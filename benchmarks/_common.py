@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmark scripts: machine load from /proc/stat and report files."""
+"""Helpers shared by the benchmark scripts: machine load from /proc/stat, the machine's peak
+GEMM rate and copy bandwidth, and report files."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -83,3 +87,21 @@ def write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) ->
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown)
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+
+
+def peaks(threads: int, quick: bool) -> dict[str, float]:
+    """Peak float32 GEMM rate (GMAC/s) and memory copy bandwidth (GB/s) at ``threads``."""
+    torch.set_num_threads(threads)
+    n = 512 if quick else 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3 if quick else 6))
+    size = (1 << 22) if quick else (1 << 25)  # float32 elements: 16 MiB / 128 MiB
+    src, dst = torch.randn(size), torch.empty(size)
+    bw = min(_seconds(lambda: dst.copy_(src)) for _ in range(3 if quick else 6))
+    return {"gemm_gmacs": n ** 3 / best / 1e9, "bandwidth_gbs": 2 * 4 * size / bw / 1e9}
+
+
+def _seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0

@@ -4,7 +4,10 @@ For ``tcn``, ``transformer`` (2 layers) and ``cox3d_s`` of ``costream bench``, a
 float32, each backend of :func:`costream.runtime.make_step` first steps a random stream of
 twice the receptive field from a fresh state next to eager ``step_stride``: the largest
 difference of the due outputs is reported (the backends must match eager to 1e-4). Then the
-steps are timed interleaved (blocks of steps, order rotating; medians).
+steps are timed interleaved (blocks of steps, order rotating; medians). The MACs of one eager
+step (``FlopCounterMode``) over the peak GEMM rate measured in the same run give the compute
+floor of the step, and eager time / floor the largest speed-up over eager any backend could
+give (ceiling).
 
 Usage::
 
@@ -23,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import OtherLoad, machine, write_report
+from _common import OtherLoad, machine, peaks, write_report
+from transformer import counted_macs
 
 from costream.bench._workloads import resolve_workload
 from costream.runtime import make_step
@@ -57,6 +61,7 @@ def measure(name: str, threads: int, repeats: int, block: int) -> dict[str, Any]
                     res["max_abs_diff"][b] = max(res["max_abs_diff"].get(b, 0.0),
                                                  float((y - y_ref).abs().max()))
         res["outputs_compared"] = calls - net.temporal.delay // s
+        res["macs_per_step"] = counted_macs(lambda: net.step_stride(x, ref))["total"]
         samples: dict[str, list[int]] = {b: [] for b in BACKENDS}
         meter = OtherLoad()
         for r in range(repeats):
@@ -71,6 +76,10 @@ def measure(name: str, threads: int, repeats: int, block: int) -> dict[str, Any]
     res["speedup_over_eager"] = {b: res["step_ms"]["eager"] / v
                                  for b, v in res["step_ms"].items()}
     res["other_processes_cpus"] = meter.others()
+    res["peak_gemm_gmacs"] = peaks(threads, quick=block < 5)["gemm_gmacs"]
+    res["compute_floor_ms"] = res["macs_per_step"] / (res["peak_gemm_gmacs"] * 1e6)
+    res["eager_gmacs"] = res["macs_per_step"] / (res["step_ms"]["eager"] * 1e6)
+    res["ceiling_over_eager"] = res["step_ms"]["eager"] / res["compute_floor_ms"]
     return res
 
 
@@ -84,17 +93,24 @@ def to_markdown(report: dict[str, Any]) -> str:
              "per stride step, medians of interleaved blocks; in brackets the speed-up over "
              "eager. Max abs diff: due outputs against eager `step_stride` over twice the "
              "receptive field from a fresh state. Other load: CPUs kept busy by other "
-             "processes during the timing.", "",
+             "processes during the timing. MACs: one eager step (`FlopCounterMode`); floor: MACs "
+             "/ the peak float32 GEMM rate measured in the same run at that thread count; "
+             "ceiling: eager / floor, the largest speed-up over eager any backend could reach "
+             "without doing less arithmetic.", "",
              "| workload | threads | " + " | ".join(BACKENDS) + " | max abs diff (ORT / OV) | "
-             "outputs compared | other load |",
-             "|---|---|" + "---|" * len(BACKENDS) + "---|---|---|"]
+             "outputs compared | MACs per step | eager GMAC/s (peak) | floor ms | ceiling | "
+             "other load |",
+             "|---|---|" + "---|" * len(BACKENDS) + "---|---|---|---|---|---|---|"]
     for r in report["results"]:
         cells = " | ".join(f"{r['step_ms'][b]:.3f} ({r['speedup_over_eager'][b]:.2f}x)"
                            for b in BACKENDS)
         d = r["max_abs_diff"]
         lines.append(f"| {r['workload']} | {r['threads']} | {cells} | "
                      f"{d['onnxruntime']:.1e} / {d['openvino']:.1e} | "
-                     f"{r['outputs_compared']} | {r['other_processes_cpus'] or 0:.2f} |")
+                     f"{r['outputs_compared']} | {r['macs_per_step'] / 1e6:.2f} M | "
+                     f"{r['eager_gmacs']:.1f} ({r['peak_gemm_gmacs']:.1f}) | "
+                     f"{r['compute_floor_ms']:.3f} | {r['ceiling_over_eager']:.2f}x | "
+                     f"{r['other_processes_cpus'] or 0:.2f} |")
     return "\n".join(lines) + "\n"
 
 

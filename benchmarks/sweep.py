@@ -39,7 +39,7 @@ from typing import Any
 
 import continual
 import torch
-from _common import OtherLoad, machine, write_report
+from _common import OtherLoad, machine, peaks, write_report
 from _sweep_report import to_markdown
 from _sweep_workloads import FAMILIES, QUICK, Spec, build, draw
 from torch import Tensor, nn
@@ -53,25 +53,6 @@ from costream.runtime import make_step
 COUNTS = {"tcn": 12, "cnn3d": 9, "transformer": 9}
 TARGETS = {"tcn": 8.0, "cnn3d": 6.0, "transformer": 4.0}  # median anchor / costream
 FLOOR_RATIO = 3.0  # no workload below
-
-
-# ---------------------------------------------------------------------------- machine peaks
-def peaks(threads: int, quick: bool) -> dict[str, float]:
-    """Peak float32 GEMM rate (GMAC/s) and memory copy bandwidth (GB/s) at ``threads``."""
-    torch.set_num_threads(threads)
-    n = 512 if quick else 1536
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3 if quick else 6))
-    size = (1 << 22) if quick else (1 << 25)  # float32 elements: 16 MiB / 128 MiB
-    src, dst = torch.randn(size), torch.empty(size)
-    bw = min(_seconds(lambda: dst.copy_(src)) for _ in range(3 if quick else 6))
-    return {"gemm_gmacs": n ** 3 / best / 1e9, "bandwidth_gbs": 2 * 4 * size / bw / 1e9}
-
-
-def _seconds(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------- checks
