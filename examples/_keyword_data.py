@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,18 @@ CLASSES = (*KEYWORDS, "_unknown_", "_silence_")
 UNKNOWN, SILENCE = len(KEYWORDS), len(KEYWORDS) + 1
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan",
            "en-gb-x-gbcwmd", "en-us-nyc")
-TRAIN_VARIANTS = ("m1", "m2", "m4", "m5", "m7", "f1", "f2", "f4", "klatt", "klatt3", "Alex",
-                  "Andy", "Annie", "Denis", "Gene", "Jacky", "Lee", "Mario", "Michael", "aunty",
-                  "belinda", "boris", "david", "edward", "john", "linda", "max", "norbert",
-                  "paul", "pablo")
+# Every espeak-ng voice variant except the test ones and their near relatives (iven2-4, steph2-3,
+# anikaRobot) and "Mr serious" (a space in its name).
+TRAIN_VARIANTS = ("m1", "m2", "m4", "m5", "m7", "m8", "f1", "f2", "f4", "klatt", "klatt3", "klatt4",
+                  "klatt5", "klatt6", "Alex", "Alicia", "Andrea", "Andy", "Annie", "AnxiousAndy",
+                  "Demonic", "Denis", "Diogo", "Gene", "Gene2", "Henrique", "Jacky", "Lee", "Marco",
+                  "Mario", "Michael", "Mike", "Nguyen", "RicishayMax", "RicishayMax2",
+                  "RicishayMax3", "Storm", "Tweaky", "UniRobot", "announcer", "antonio", "aunty",
+                  "belinda", "boris", "croak", "david", "ed", "edward", "edward2", "fast",
+                  "grandma", "grandpa", "gustave", "john", "kaukovalta", "linda", "marcelo", "max",
+                  "miguel", "norbert", "pablo", "paul", "pedro", "quincy", "rob", "robert",
+                  "robosoft", "robosoft2", "robosoft3", "robosoft4", "robosoft5", "robosoft6",
+                  "robosoft7", "robosoft8", "sandro", "shelby", "whisper", "whisperf")
 TEST_VARIANTS = ("m3", "m6", "f3", "f5", "klatt2", "Hugo", "adam", "anika", "benjamin",
                  "caleb", "iven", "michel", "steph", "travis", "victor", "zac")
 
@@ -116,7 +125,8 @@ def load_set(path: Path) -> Utterances:
 def load_or_render(cache: Path, name: str, variants: tuple[str, ...], per_keyword: int,
                    unknown: int, seed: int, log=None) -> Utterances:
     """The cached set ``name`` (rendered and saved on first use)."""
-    path = cache / f"keywords-{name}-{per_keyword}-{unknown}-{seed}.npz"
+    tag = zlib.crc32(" ".join(variants).encode()) % 10 ** 6  # a new voice list: a new file
+    path = cache / f"keywords-{name}-{per_keyword}-{unknown}-{seed}-{tag}.npz"
     if path.exists():
         return load_set(path)
     if not have_espeak():
@@ -160,22 +170,34 @@ def mix(speech: np.ndarray, background: np.ndarray, snr_db: float) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------- clips
+def perturb_speed(a: np.ndarray, rng: np.random.Generator,
+                  speed: tuple[float, float] | None) -> np.ndarray:
+    """``a`` played at a random speed in ``speed`` (linear-interpolation resampling: duration,
+    pitch and formants scale together, like another vocal tract), cut to 1 s; ``None``: ``a``."""
+    if speed is None:
+        return a
+    f = rng.uniform(*speed)
+    n = min(SAMPLE_RATE, int(len(a) / f))
+    return np.interp(np.arange(n) * f, np.arange(len(a)), a).astype(np.float32)
+
+
 def clip_batch(u: Utterances, batch: int, rng: np.random.Generator,
-               snr_range: tuple[float, float] = (0.0, 30.0)) -> tuple[np.ndarray, np.ndarray]:
+               snr_range: tuple[float, float] = (0.0, 30.0),
+               speed: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` 1 s clips ``(batch, 16000)`` and labels: keywords, unknown words and silence.
 
-    About a tenth are silence/noise only, a sixth unknown words, the rest keywords; the word is
+    About a tenth are silence/noise only, a quarter unknown words, the rest keywords; the word is
     placed at a random offset and the clip is scaled to a random peak level (-40 to 0 dBFS).
     """
     clips = np.zeros((batch, SAMPLE_RATE), np.float32)
     labels = np.zeros(batch, np.int64)
     for i in range(batch):
         r = rng.random()
-        label = SILENCE if r < 0.1 else UNKNOWN if r < 0.27 else int(rng.integers(len(KEYWORDS)))
+        label = SILENCE if r < 0.1 else UNKNOWN if r < 0.35 else int(rng.integers(len(KEYWORDS)))
         speech = np.zeros(SAMPLE_RATE, np.float32)
         if label != SILENCE:
             idx = u.of_class(label)
-            a = u.audio[int(rng.choice(idx))]
+            a = perturb_speed(u.audio[int(rng.choice(idx))], rng, speed)
             s = int(rng.integers(0, SAMPLE_RATE - len(a) + 1))
             speech[s:s + len(a)] = a * rng.uniform(0.3, 1.0)
         x = mix(speech, noise(SAMPLE_RATE, rng, u), float(rng.uniform(*snr_range)))
@@ -188,7 +210,8 @@ IGNORE = -100  # label of windows that hold only part of a keyword (left out of 
 
 
 def window_batch(u: Utterances, batch: int, rng: np.random.Generator,
-                 snr_range: tuple[float, float] = (0.0, 25.0)) -> tuple[np.ndarray, np.ndarray]:
+                 snr_range: tuple[float, float] = (0.0, 25.0),
+                 speed: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``batch`` 1 s windows cut at random offsets from 2 s recordings of up to two words.
 
     These are the windows a streaming spotter sees: a keyword wholly inside labels the window
@@ -203,8 +226,8 @@ def window_batch(u: Utterances, batch: int, rng: np.random.Generator,
         speech = np.zeros(n, np.float32)
         words, t = [], int(rng.integers(0, SAMPLE_RATE // 4))
         for _ in range(2):
-            label = int(rng.integers(len(KEYWORDS))) if rng.random() < 0.6 else UNKNOWN
-            a = u.audio[int(rng.choice(u.of_class(label)))]
+            label = int(rng.integers(len(KEYWORDS))) if rng.random() < 0.5 else UNKNOWN
+            a = perturb_speed(u.audio[int(rng.choice(u.of_class(label)))], rng, speed)
             if t + len(a) > n:
                 break
             speech[t:t + len(a)] = a * rng.uniform(0.3, 1.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "keyword_spotting.py"
@@ -74,3 +75,42 @@ def test_quick_run_end_to_end(tmp_path) -> None:
     for suffix in ("md", "png"):
         assert (tmp_path / "out" / f"keyword_spotting_quick.{suffix}").stat().st_size > 0
     assert (tmp_path / "out" / "keyword_spotter_quick.pt").exists()
+
+
+def test_spec_augment_masks_one_band_and_one_frame_range() -> None:
+    rng = np.random.default_rng(0)
+    feats = torch.randn(64, 40, 98, dtype=torch.float64)
+    out = ks.spec_augment(feats, rng, p=1.0, bands=8, frames=10)
+    assert out.shape == feats.shape and not torch.equal(out, feats)
+    for x, y in zip(feats, out):
+        changed = x != y
+        rows, cols = changed.all(1), changed.all(0)  # a masked band / frame range: whole rows/cols
+        assert rows.sum() <= 8 and cols.sum() <= 10
+        assert torch.equal(changed, rows[:, None] | cols[None, :])
+        assert torch.all(y[changed] == x.mean())  # filled with the clip's mean
+    assert torch.equal(ks.spec_augment(feats, rng, p=0.0), feats)
+
+
+def test_speed_perturbation_rescales_time_and_keeps_one_second_at_most() -> None:
+    rng = np.random.default_rng(0)
+    tone = np.sin(2 * np.pi * 440 * np.arange(8000) / SR).astype(np.float32)  # 0.5 s, 440 Hz
+    assert kd.perturb_speed(tone, rng, None) is tone
+    fast = kd.perturb_speed(tone, rng, (1.25, 1.25))
+    assert len(fast) == 6400 and fast.dtype == np.float32  # 1.25x faster: 0.4 s
+    peak = np.argmax(np.abs(np.fft.rfft(fast))) * SR / len(fast)
+    assert abs(peak - 550) < 5  # and 1.25x higher
+    slow = kd.perturb_speed(np.ones(15000, np.float32), rng, (0.8, 0.8))
+    assert len(slow) == SR  # 1.17 s at 0.8x: cut to the 1 s a clip holds
+
+
+def test_detections_match_stepping_the_detector_with_smoothing() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3000, len(kd.CLASSES), generator=g).mul(3).softmax(1)  # all < 0.5
+    probs[1000:1060, 3] = 0.99
+    probs[2000:2002, 5] = 0.99  # a two-hop spike: fires unsmoothed, averaged away over 20 hops
+    for smooth in (1, 20):
+        det = ks.detector(list(range(len(kd.KEYWORDS))), 0.5, smooth)
+        stepped = [(7 + t, k) for t, row in enumerate(probs) for k in det.update(row)]
+        assert any(k == 3 and 7 + 1000 <= t < 7 + 1060 for t, k in stepped)  # the burst fires
+        assert any(k == 5 and 7 + 2000 <= t < 7 + 2002 for t, k in stepped) == (smooth == 1)
+        assert ks.detect(probs, list(range(len(kd.KEYWORDS))), 0.5, 7, smooth) == stepped
