@@ -27,12 +27,38 @@ from typing import Any
 
 import torch
 from _common import OtherLoad, machine, peaks, write_report
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformer import counted_macs
 
 from costream.bench._workloads import resolve_workload
 from costream.runtime import make_step
 
 BACKENDS = ("eager", "onnxruntime", "openvino")
+
+
+class OperatorTraffic(TorchDispatchMode):
+    """Operators that compute (views and reshapes left out) and the bytes of their tensor
+    inputs and outputs, each counted once per operator: how much a step hands from one
+    operator to the next, whatever the caches absorb."""
+
+    VIEWS = frozenset({"alias", "as_strided", "chunk", "detach", "expand", "narrow", "permute",
+                       "reshape", "_reshape_alias", "select", "slice", "split", "squeeze",
+                       "t", "transpose", "unbind", "unflatten", "unsqueeze", "view",
+                       "_unsafe_view"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] not in self.VIEWS:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            self.operators += 1
+            self.bytes += sum(t.numel() * t.element_size()
+                              for t in (*args, *(kwargs or {}).values(), *outs)
+                              if isinstance(t, torch.Tensor))
+        return out
 
 
 def measure(name: str, threads: int, repeats: int, block: int) -> dict[str, Any]:
@@ -62,6 +88,9 @@ def measure(name: str, threads: int, repeats: int, block: int) -> dict[str, Any]
                                                  float((y - y_ref).abs().max()))
         res["outputs_compared"] = calls - net.temporal.delay // s
         res["macs_per_step"] = counted_macs(lambda: net.step_stride(x, ref))["total"]
+        with OperatorTraffic() as traffic:
+            net.step_stride(x, ref)
+        res["operators_per_step"], res["operator_bytes_per_step"] = traffic.operators, traffic.bytes
         samples: dict[str, list[int]] = {b: [] for b in BACKENDS}
         meter = OtherLoad()
         for r in range(repeats):
@@ -96,11 +125,13 @@ def to_markdown(report: dict[str, Any]) -> str:
              "processes during the timing. MACs: one eager step (`FlopCounterMode`); floor: MACs "
              "/ the peak float32 GEMM rate measured in the same run at that thread count; "
              "ceiling: eager / floor, the largest speed-up over eager any backend could reach "
-             "without doing less arithmetic.", "",
+             "without doing less arithmetic. Operators: those of one eager step that compute "
+             "(views left out); MB: the bytes of their inputs and outputs, each counted once per "
+             "operator.", "",
              "| workload | threads | " + " | ".join(BACKENDS) + " | max abs diff (ORT / OV) | "
              "outputs compared | MACs per step | eager GMAC/s (peak) | floor ms | ceiling | "
-             "other load |",
-             "|---|---|" + "---|" * len(BACKENDS) + "---|---|---|---|---|---|---|"]
+             "operators (MB) | other load |",
+             "|---|---|" + "---|" * len(BACKENDS) + "---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         cells = " | ".join(f"{r['step_ms'][b]:.3f} ({r['speedup_over_eager'][b]:.2f}x)"
                            for b in BACKENDS)
@@ -110,6 +141,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"{r['outputs_compared']} | {r['macs_per_step'] / 1e6:.2f} M | "
                      f"{r['eager_gmacs']:.1f} ({r['peak_gemm_gmacs']:.1f}) | "
                      f"{r['compute_floor_ms']:.3f} | {r['ceiling_over_eager']:.2f}x | "
+                     f"{r['operators_per_step']} ({r['operator_bytes_per_step'] / 1e6:.1f}) | "
                      f"{r['other_processes_cpus'] or 0:.2f} |")
     return "\n".join(lines) + "\n"
 

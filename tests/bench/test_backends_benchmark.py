@@ -27,6 +27,7 @@ def test_backends_quick(tmp_path: Any) -> None:
     assert set(r["step_ms"]) == {"eager", "onnxruntime", "openvino"}
     assert max(r["max_abs_diff"].values()) < 1e-4
     assert r["macs_per_step"] > 0 and r["peak_gemm_gmacs"] > 0
+    assert r["operators_per_step"] > 0 and r["operator_bytes_per_step"] > 0
     floor = r["macs_per_step"] / (r["peak_gemm_gmacs"] * 1e6)
     assert r["compute_floor_ms"] == pytest.approx(floor)
     assert r["ceiling_over_eager"] == pytest.approx(r["step_ms"]["eager"] / floor)
