@@ -74,7 +74,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "", "Ceiling: anchor time / costream's roofline floor, the largest ratio over the anchor "
         "that any implementation of costream's step (its MACs and bytes) could reach on this "
         "machine. Where the median ceiling is below a target, the target cannot be met by "
-        "making the step faster, only by doing less arithmetic per step.", "",
+        "making the step faster, only by doing less arithmetic per step. This holds for "
+        "compute-bound steps (all 3D CNNs here); for memory-bound steps whose bytes stay in "
+        "the caches the floor, taken at DRAM bandwidth, is too high and the ceiling too low "
+        "(floor % above 100).", "",
     ]
     lines += [
         "", "## Per workload", "",
