@@ -271,9 +271,9 @@ def plot(path: Path, stream: kd.Stream, probs: torch.Tensor, first_hop: int,
     ax.set_ylabel("posterior")
     ax.set_title("Streamed keyword scores (held-out voices); green: keywords, orange: other "
                  "words, red: detections", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
