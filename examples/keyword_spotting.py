@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny data, training and stream")
     p.add_argument("--iterations", type=int, default=None, help="training iterations "
-                   "(default 9000; 10 with --quick)")
+                   "(default 12000; 10 with --quick)")
     p.add_argument("--minutes", type=float, default=None,
                    help="test recording length (default 60; 0.34 with --quick)")
     p.add_argument("--channels", type=int, default=128)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.cache or Path(os.environ.get("COSTREAM_CACHE",
                                               Path.home() / ".cache" / "costream"))
     q = args.quick
-    iterations = args.iterations or (10 if q else 9000)
+    iterations = args.iterations or (10 if q else 12000)
     minutes = args.minutes or (0.34 if q else 60.0)
     sizes = ((2, 6), (1, 4), (1, 4)) if q else ((300, 1000), (40, 200), (40, 200))
     train_u = kd.load_or_render(cache, "train", kd.TRAIN_VARIANTS, *sizes[0], seed=1, log=log)
