@@ -58,3 +58,12 @@ def test_bad_files_are_one_line_errors(tmp_path) -> None:
         listen(MODEL, tmp_path / "8k.wav")
     with pytest.raises(SystemExit, match="no such WAV"):
         read_wav(tmp_path / "missing.wav")
+
+
+def test_cli_user_errors_are_one_line_with_exit_2(tmp_path, capsys) -> None:
+    for argv, message in ((["--wav", str(tmp_path / "missing.wav")], "no such WAV file"),
+                          (["--wav", str(WAV), "--smooth", "0"], "--smooth must be at least")):
+        assert main(["listen", str(MODEL), *argv, "--fast"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("costream listen: error: ")
+        assert message in err

@@ -92,9 +92,8 @@ def listen(model_path: str | Path, wav: str | Path, fast: bool = False,
                 continue
             for k in det.update(y[0].softmax(0)):
                 sec = (t + 1) * hop / rate
-                score = sum(h[det.keywords.index(k)] for h in det.history) / len(det.history)
-                found.append((sec, classes[k], score))
-                out(f"{sec:8.2f} s  {classes[k]}  ({score:.2f})")
+                found.append((sec, classes[k], det.score[k]))
+                out(f"{sec:8.2f} s  {classes[k]}  ({det.score[k]:.2f})")
     took = time.perf_counter() - start
     out(f"{len(found)} detections in {len(audio) / rate:.1f} s of audio ({took:.1f} s)")
     return found
@@ -113,7 +112,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._cli_util import UsageError
+
     torch.set_num_threads(1)
-    listen(args.model, args.wav, fast=args.fast, threshold=args.threshold, smooth=args.smooth,
-           out=lambda m: print(m, flush=True))
+    try:
+        listen(args.model, args.wav, fast=args.fast, threshold=args.threshold,
+               smooth=args.smooth, out=lambda m: print(m, flush=True))
+    except SystemExit as err:  # the library's one-line refusals: a usage error (exit 2)
+        if isinstance(err.code, str):
+            raise UsageError(err.code) from None
+        raise
     return 0

@@ -197,6 +197,7 @@ class Detector:
         self.last = {k: -10 ** 9 for k in self.keywords}
         self.armed = {k: True for k in self.keywords}
         self.history: list[list[float]] = []
+        self.score: dict[int, float] = {}  # each keyword's score at the last hop
         self.t = 0
 
     def update(self, probs: Tensor | Sequence[float]) -> list[int]:
@@ -205,9 +206,10 @@ class Detector:
         row = [float(probs[k]) for k in self.keywords]
         self.history = [*self.history[1 - self.smooth:], row] if self.smooth > 1 else [row]
         n = len(self.history)
+        self.score = {k: sum(h[i] for h in self.history) / n if n > 1 else row[i]
+                      for i, k in enumerate(self.keywords)}
         fired = []
-        for i, k in enumerate(self.keywords):
-            score = sum(h[i] for h in self.history) / n if n > 1 else row[i]
+        for k, score in self.score.items():
             if score < self.threshold:
                 self.armed[k] = True
             elif self.armed[k] and self.t - self.last[k] > self.refractory:
