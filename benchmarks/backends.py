@@ -61,7 +61,8 @@ class OperatorTraffic(TorchDispatchMode):
         return out
 
 
-def measure(name: str, threads: int, repeats: int, block: int) -> dict[str, Any]:
+def measure(name: str, threads: int, repeats: int, block: int,
+            peak_gemm_gmacs: float) -> dict[str, Any]:
     torch.set_num_threads(threads)
     w = resolve_workload(name)
     net, shape = w.net.eval(), w.frame_shape
@@ -105,7 +106,7 @@ def measure(name: str, threads: int, repeats: int, block: int) -> dict[str, Any]
     res["speedup_over_eager"] = {b: res["step_ms"]["eager"] / v
                                  for b, v in res["step_ms"].items()}
     res["other_processes_cpus"] = meter.others()
-    res["peak_gemm_gmacs"] = peaks(threads, quick=block < 5)["gemm_gmacs"]
+    res["peak_gemm_gmacs"] = peak_gemm_gmacs
     res["compute_floor_ms"] = res["macs_per_step"] / (res["peak_gemm_gmacs"] * 1e6)
     res["eager_gmacs"] = res["macs_per_step"] / (res["step_ms"]["eager"] * 1e6)
     res["ceiling_over_eager"] = res["step_ms"]["eager"] / res["compute_floor_ms"]
@@ -163,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine(onnxruntime=onnxruntime.__version__,
                            openvino=openvino.__version__.split("-")[0]), "results": []}
     for t in [1] if args.quick else args.threads:
+        peak = peaks(t, args.quick)["gemm_gmacs"]  # once per thread count
         for name in ["tcn"] if args.quick else args.workloads:
-            res = measure(name, t, 2 if args.quick else args.repeats, 2 if args.quick else 5)
+            res = measure(name, t, 2 if args.quick else args.repeats, 2 if args.quick else 5,
+                          peak)
             report["results"].append(res)
             print(f"[{name}, {t} thr] " + ", ".join(
                 f"{b} {v:.3f} ms" for b, v in res["step_ms"].items())
