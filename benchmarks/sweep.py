@@ -274,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="3 tiny workloads, 1 thread: a smoke run (writes sweep_quick.*)")
     p.add_argument("--check-only", action="store_true",
                    help="build and check every workload, time nothing, write nothing")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="time only these workloads or families (tcn, cnn3d, transformer); "
+                        "writes sweep_only.* so the committed full run stays whole")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--rerender", type=Path, default=None, metavar="JSON",
                    help="recompute the derived columns of a recorded run's JSON (its own "
@@ -286,11 +289,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = args.repeats or (2 if args.quick else 5)
     block_s = 0.005 if args.quick else 0.06
     specs = QUICK if args.quick else draw(args.seed, COUNTS)
+    if args.only:
+        known = {x.name for x in specs} | {x.family for x in specs}
+        unknown = sorted(set(args.only) - known)
+        if unknown:
+            p.error(f"--only: no workload or family {', '.join(unknown)} (known: "
+                    f"{', '.join(sorted(known))})")
+        specs = [x for x in specs if x.name in args.only or x.family in args.only]
     # families take turns, so that a partial run covers each of them
     by_family = [[x for x in specs if x.family == f] for f in FAMILIES]
     specs = [x for group in zip(*by_family) for x in group] + [
         x for group in by_family for x in group[min(map(len, by_family)):]]
-    stem = "sweep_quick" if args.quick else "sweep"
+    stem = "sweep_quick" if args.quick else "sweep_only" if args.only else "sweep"
     report: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/sweep.py", *raw]),
         "machine": machine(continual_inference=continual.__version__), "seed": args.seed,
