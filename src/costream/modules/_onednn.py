@@ -56,7 +56,10 @@ def prefers_onednn(rows: int, in_features: int, out_features: int) -> bool:
     weights = in_features * out_features
     if rows * weights >= 1 << 22:
         return True
-    return weights >= 1 << 20 and torch.get_num_threads() > 1
+    # the thread count is read only where it decides, and never while a graph is traced
+    # (dynamo cannot put the int it returns into a graph; traced graphs use F.linear anyway)
+    return (weights >= 1 << 20 and not torch.compiler.is_compiling()
+            and torch.get_num_threads() > 1)
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
