@@ -46,9 +46,10 @@ def prefers_onednn(rows: int, in_features: int, out_features: int) -> bool:
 
     * products of 2^22 multiply-accumulates or more (e.g. 64 rows x 256 x 768, 6400 rows x
       24 x 54): oneDNN, 1.2-2x;
-    * fewer rows with 2 or more threads through layers of 2^20 weights or more (e.g. 512 x
-      2048): oneDNN, up to 1.6x (it splits a matrix-vector product over the threads, the BLAS
-      does not); below 2^20 weights the BLAS, by up to 1.15x;
+    * fewer rows with 2 or more threads through layers of 2^19 weights or more (e.g. 512 x
+      1024): oneDNN, 1.1-2x layer by layer (it splits a matrix-vector product over the
+      threads, the BLAS does not); on whole steps 0.9-1.1x (12 % faster on the runtime
+      benchmark's 2-layer encoder, 12 % slower on a 1-layer d=512 one);
     * fewer rows on one thread: the BLAS, by 1.1-1.4x while the network's weights stay in the
       cache (it loses by about 6 % on a 36 MiB encoder);
     * oneDNN costs about 10 µs per call, and more when it has to reorder weights not in cache.
@@ -58,7 +59,7 @@ def prefers_onednn(rows: int, in_features: int, out_features: int) -> bool:
         return True
     # the thread count is read only where it decides, and never while a graph is traced
     # (dynamo cannot put the int it returns into a graph; traced graphs use F.linear anyway)
-    return (weights >= 1 << 20 and not torch.compiler.is_compiling()
+    return (weights >= 1 << 19 and not torch.compiler.is_compiling()
             and torch.get_num_threads() > 1)
 
 
