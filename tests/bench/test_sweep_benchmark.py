@@ -55,3 +55,21 @@ def test_sweep_quick(tmp_path: Any) -> None:
         res = row["timing"]["1"]
         assert res["ceiling"] == pytest.approx(res["latency_us"]["anchor"] / res["floor_us"])
     assert "a note kept across re-rendering" in (tmp_path / "sweep_quick.md").read_text()
+
+
+def test_sweep_only_selects_workloads_and_refuses_unknown_names() -> None:
+    """``--only`` keeps the named workloads or families; an unknown name is a usage error
+    (exit 2, one line naming it) before anything is built."""
+    script = ROOT / "benchmarks" / "sweep.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--check-only", "--only",
+                           "transformer"], capture_output=True, text=True, timeout=300,
+                          check=False, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built = [line.split("]")[0][1:] for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert built == ["trf_tiny"]
+    proc = subprocess.run([sys.executable, str(script), "--only", "cnn99"], capture_output=True,
+                          text=True, timeout=120, check=False, cwd=ROOT)
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(error) == 1 and "cnn99" in error[0] and "cnn12" in error[0]
+    assert "Traceback" not in proc.stderr
