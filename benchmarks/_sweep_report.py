@@ -117,6 +117,7 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{res['overhead_per_layer_us']:.1f} | "
                 f"{res['other_processes_cpus'] or 0:.2f} | "
                 f"{_check(r['check'], r['dense_anchor'])} |")
+    lines += _below_floor(report)
     lines += ["", "## Workloads", ""]
     for r in report["rows"]:
         p = ", ".join(f"{k}={v}" for k, v in r["params"].items())
@@ -125,3 +126,42 @@ def to_markdown(report: dict[str, Any]) -> str:
                      f"{r['static']['param_bytes'] / 2**20:.2f} MiB, state "
                      f"{r['static']['state_bytes'] / 2**10:.1f} KiB.")
     return "\n".join(lines) + "\n"
+
+
+#: Fraction of the roofline floor a step should reach (issue: at least 25 %, or the report
+#: names what bounds it).
+FLOOR_TARGET = 0.25
+
+
+def _below_floor(report: dict[str, Any]) -> list[str]:
+    """Per step below :data:`FLOOR_TARGET` of its floor: what bounds it, from the time of the
+    same layers at 4 channels (``skeleton_us``, measured in the run)."""
+    rows = [(r, t, res) for r in report["rows"] for t, res in r["timing"].items()
+            if res["floor_fraction"] < FLOOR_TARGET]
+    if not rows:
+        return []
+    out = ["", f"## Steps below {100 * FLOOR_TARGET:.0f} % of their roofline floor", "",
+           "What bounds them: the same network at 4 channels (3D CNNs: 8 x 8 frames, "
+           "Transformers: 2 dimensions per head), stepped eagerly in the same run, has the "
+           "workload's layers, kernels and window but almost no arithmetic; its step time is "
+           "the fixed cost of stepping those layers (Python, dispatch, per-call kernel set-up).",
+           ""]
+    for r, t, res in rows:
+        best = res["best_backend"]
+        fastest = res["latency_us"][best]
+        line = (f"- `{r['name']}`, {t} thread(s): fastest step {_us(fastest)} µs ({best}), "
+                f"floor {_us(res['floor_us'])} µs ({100 * res['floor_fraction']:.0f} %)")
+        if "skeleton_us" not in res:
+            out.append(line + "; not measured in this run.")
+            continue
+        share = res["skeleton_us"] / fastest
+        line += (f"; its skeleton ({r['static']['layers']} layers, almost no arithmetic) "
+                 f"steps in {_us(res['skeleton_us'])} µs, {100 * share:.0f} % of it: ")
+        if share >= 0.5:
+            line += "bounded by the fixed cost per layer, not by arithmetic or memory."
+        else:
+            line += ("the fixed cost per layer explains that share; the rest is products "
+                     "too small to run at the peak GEMM rate.")
+        out.append(line)
+    return out
+

@@ -159,6 +159,37 @@ def steppers(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: list[st
     return out
 
 
+def skeleton(spec: Spec) -> Spec:
+    """The workload's structure with almost no arithmetic: the same layers, kernels, dilations,
+    strides and window at 4 channels (3D CNNs: 8 x 8 frames; Transformers: 2 dimensions per
+    head). Its step time is the fixed cost of stepping that many layers on this machine."""
+    p = dict(spec.params)
+    if spec.family == "tcn":
+        p["channels"] = 4
+    elif spec.family == "cnn3d":
+        p.update(channels=[4] * len(p["channels"]), frame_px=8)
+    else:
+        p.update(d=2 * p["heads"], ff=4 * p["heads"])
+    return Spec(spec.family, f"{spec.name}_skeleton", p)
+
+
+def time_skeleton(spec: Spec, seed: int, threads: int, steps: int = 200) -> float:
+    """Median µs of one eager costream step of :func:`skeleton` ``(spec)``."""
+    torch.set_num_threads(threads)
+    b = build(skeleton(spec), seed)
+    co, clip = b["costream"], b["clip"]
+    frames = [clip[:, :, t].contiguous() for t in range(clip.shape[2])]
+    ns = []
+    with torch.inference_mode():
+        for f in frames:  # past the warm-up
+            co.forward_step(f)
+        for i in range(steps):
+            t0 = time.perf_counter_ns()
+            co.forward_step(frames[i % len(frames)])
+            ns.append(time.perf_counter_ns() - t0)
+    return statistics.median(ns) / 1e3
+
+
 def time_workload(spec: Spec, b: dict[str, Any], onnx: Path | None, backends: list[str],
                   threads: int, repeats: int, block_s: float) -> dict[str, Any]:
     """Interleaved blocks of steps (order rotating); per-step medians in µs."""
@@ -225,6 +256,8 @@ def derive(res: dict[str, Any], st: dict[str, Any], peak: dict[str, float]) -> N
         floor_fraction=floor / lat[best],
         ceiling=None if anchor is None else anchor / floor,
         overhead_per_layer_us=(lat[best] - floor) / max(1, st["layers"]))
+    if "skeleton_us" in res:  # runs recorded before it was measured have none
+        res["skeleton_fraction"] = res["skeleton_us"] / lat[best]
 
 
 # ---------------------------------------------------------------------------- main
@@ -327,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             row["export_s"] = time.perf_counter() - t0
         for t in threads:
             res = time_workload(spec, b, onnx, args.backends, t, repeats, block_s)
+            res["skeleton_us"] = time_skeleton(spec, args.seed, t)
             derive(res, row["static"], report["peaks"][str(t)])
             row["timing"][str(t)] = res
             ratio = res["anchor_over_costream"]

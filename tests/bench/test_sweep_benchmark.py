@@ -37,9 +37,18 @@ def test_sweep_quick(tmp_path: Any) -> None:
         assert row["static"]["macs"] > 0 and 0 < res["floor_fraction"]
         assert res["floor_us"] * 1e3 >= row["static"]["macs"] / peak["gemm_gmacs"] * (1 - 1e-9)
         assert res["ceiling"] == pytest.approx(res["latency_us"]["anchor"] / res["floor_us"])
+        # the skeleton (same layers, 4 channels) is timed, and named where a step is far
+        # from its floor (tiny workloads always are)
+        assert res["skeleton_us"] > 0
+        assert res["skeleton_fraction"] == pytest.approx(res["skeleton_us"] / res["latency_us"][
+            res["best_backend"]])
+        assert res["floor_fraction"] < 0.25
     assert set(report["summary"]) == {"tcn/1", "cnn3d/1", "transformer/1"}
     table = (tmp_path / "sweep_quick.md").read_text()
     assert "python benchmarks/sweep.py --quick" in table and "| trf_tiny | 1 |" in table
+    below = table.split("## Steps below 25 % of their roofline floor")[1].split("## Workloads")[0]
+    assert all(f"- `{name}`, 1 thread(s)" in below for name in ("tcn_tiny", "cnn_tiny",
+                                                               "trf_tiny"))
 
     # --rerender recomputes the derived columns from the recorded measurements alone
     report["notes"] = ["a note kept across re-rendering"]
