@@ -202,7 +202,7 @@ class _CoConvNd(CoModule):
             z.narrow(2, 1, k - 1).add_(psum)
             return self._frame_out(z.select(2, k - 1)), z.narrow(2, 0, k - 1)
         full = torch.cat((z.narrow(2, 0, 1), psum), dim=2)
-        full[:, :, d::d] += z[:, :, 1:]
+        full[:, :, d::d].add_(z[:, :, 1:])  # in place on the view: no write-back copy
         return self._frame_out(full.select(2, self._span)), full.narrow(2, 0, self._span)
 
     def _frame_out(self, y: Tensor) -> Tensor:
