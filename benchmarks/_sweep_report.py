@@ -151,17 +151,17 @@ def _below_floor(report: dict[str, Any]) -> list[str]:
         fastest = res["latency_us"][best]
         line = (f"- `{r['name']}`, {t} thread(s): fastest step {_us(fastest)} µs ({best}), "
                 f"floor {_us(res['floor_us'])} µs ({100 * res['floor_fraction']:.0f} %)")
-        if "skeleton_us" not in res:
+        share = res.get("skeleton_fraction")  # skeleton / fastest step (sweep.derive)
+        if share is None:
             out.append(line + "; not measured in this run.")
             continue
-        share = res["skeleton_us"] / fastest
         line += (f"; its skeleton ({r['static']['layers']} layers, almost no arithmetic) "
                  f"steps in {_us(res['skeleton_us'])} µs, {100 * share:.0f} % of it: ")
         if share >= 0.5:
             line += "bounded by the fixed cost per layer, not by arithmetic or memory."
         else:
-            line += ("the fixed cost per layer explains that share; the rest is products "
-                     "too small to run at the peak GEMM rate.")
+            line += ("the fixed cost per layer explains that share; the rest is arithmetic "
+                     "and memory traffic running below the roofline rates.")
         out.append(line)
     return out
 
