@@ -105,3 +105,78 @@ def test_products_obey_cpu_autocast_like_torch() -> None:
         assert linear.forward_step(torch.randn(2, 1024)).dtype == ref.dtype == torch.bfloat16
         ys = [conv.forward_step(torch.randn(96, 256)) for _ in range(3)]
     assert ys[-1].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- 3D: oneDNN's packed kernels
+def _packed_calls(monkeypatch) -> list:
+    from costream.modules import _onednn
+    if _onednn.ONEDNN_CONV is None:
+        pytest.skip("this torch has no oneDNN convolution with packed kernels")
+    calls = []
+    real = _onednn.ONEDNN_CONV
+
+    def spy(*args):
+        calls.append(tuple(args[0].shape))
+        return real(*args)
+
+    monkeypatch.setattr(_onednn, "ONEDNN_CONV", spy)
+    return calls
+
+
+def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monkeypatch) -> None:
+    calls = _packed_calls(monkeypatch)
+    torch.manual_seed(0)
+    net = cs.continual(nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(),
+                                     nn.Conv3d(16, 24, (3, 3, 3), stride=(1, 2, 2),
+                                               padding=(1, 1, 1)))).eval()
+    x = torch.randn(1, 3, 6, 12, 12)
+    with torch.no_grad():
+        ref = net(x)
+    torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
+    assert (1, 3, 12, 12) in calls and (1, 16, 12, 12) in calls
+    with torch.no_grad():  # a kernel packed from the old weights must not survive this
+        net[2].weight.mul_(-0.5)
+        net[0].bias.add_(1.0)
+        ref = net(x)
+    torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
+    x3 = torch.randn(3, 3, 6, 10, 14)  # another batch and frame size: packed again
+    with torch.no_grad():
+        ref3 = net(x3)
+    torch.testing.assert_close(_step_all(net, x3), _due(ref3, net), rtol=1e-4, atol=1e-5)
+    assert (3, 16, 10, 14) in calls
+
+
+def test_a_stepped_3d_net_with_packed_kernels_copies_and_pickles() -> None:
+    """Packed kernels have no storage: deep copies and pickles start without them."""
+    import pickle
+    torch.manual_seed(0)
+    net = cs.continual(nn.Sequential(nn.Conv3d(3, 8, 3, padding=1), nn.ReLU())).eval()
+    x = torch.randn(1, 3, 5, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    _step_all(net, x)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        torch.testing.assert_close(_step_all(twin, x), _due(ref, net), rtol=1e-4, atol=1e-5)
+
+
+def test_3d_parameters_made_under_inference_mode_are_not_packed_every_step(monkeypatch) -> None:
+    calls = _packed_calls(monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(3, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 5, 8, 8)
+    with torch.inference_mode():
+        net = cs.continual(copy.deepcopy(model))
+        ref = net(x)
+    with pytest.warns(UserWarning, match="inference mode"):
+        got = _step_all(net, x)
+    torch.testing.assert_close(got, _due(ref, net), rtol=1e-4, atol=1e-5)
+    assert not calls and not net[0]._packed.packs
+
+
+def test_macs_of_a_3d_step_with_packed_kernels_are_counted() -> None:
+    conv = cs.Conv3d(8, 16, 3, padding=1).eval()
+    frame = torch.randn(1, 8, 6, 6)
+    with torch.inference_mode():
+        conv.forward_step(frame)  # packs its kernel
+    # all 3 taps of the new frame: 16 * 3 output channels x 36 pixels x 8 * 9 inputs each
+    assert step_macs(conv, frame) == 16 * 3 * 36 * 8 * 9

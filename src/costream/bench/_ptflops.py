@@ -186,6 +186,9 @@ _register(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"], _element
 _onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 if _onednn_linear is not None:  # the oneDNN linear the skeleton zoo steps its frames with
     _RULES[_onednn_linear] = _linear
+_onednn_conv = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+if _onednn_conv is not None:  # the oneDNN convolution with packed kernels 3D CNNs step with
+    _RULES[_onednn_conv] = _conv
 _register(["_safe_softmax"], _activation)
 # fused attention kernels (inference mode) count as their decomposition (autograd on) does
 _register(["scaled_dot_product_attention", "_scaled_dot_product_attention_math",

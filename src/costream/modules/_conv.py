@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..core._module import Age, CoModule, advance, chunk_emissions, emits
 from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache
-from ._onednn import onednn_linear, onednn_usable, prefers_onednn
+from ._onednn import (PackedConvKernels, onednn_conv2d, onednn_linear, onednn_usable,
+                      prefers_onednn)
 
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
@@ -79,6 +80,7 @@ class _CoConvNd(CoModule):
         self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
         self._linear_cache = DerivedCache(self._linear_kernel)  # oneDNN's (rows, C_in) layout
+        self._packed = PackedConvKernels() if self._ndim == 3 else None  # oneDNN's blocked one
 
     def _wb(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias (direct lookups: nn.Module.__getattr__ is slow per step)."""
@@ -160,7 +162,8 @@ class _CoConvNd(CoModule):
 
         With ``kernel`` (from :meth:`_phase_taps`) only the taps it holds are computed.
         """
-        w_all, b_all = (kernel or self._cache).get(*self._wb())
+        cache = kernel or self._cache
+        w_all, b_all = cache.get(*self._wb())
         n, g = x.shape[0], self.groups
         if self._ndim == 1:
             if g == 1:  # w_all is (C_in, taps * C_out)
@@ -185,10 +188,13 @@ class _CoConvNd(CoModule):
             # torch's heuristic sends small batch-1 frames to a slower path, so ask for oneDNN
             x = x.contiguous(memory_format=torch.channels_last)
             if (_ONEDNN and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                    and not torch.is_autocast_enabled("cpu")
                     and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
                 pad = (padding,) * 2 if isinstance(padding, int) else padding
-                z = torch.mkldnn_convolution(x, w_all, b_all, pad, self.stride[1:],
-                                             self.dilation[1:], g)
+                # pack only kernels the cache holds (not ones recomputed at every step)
+                packs = self._packed if cache.value is not None else None
+                z = onednn_conv2d(x, w_all, b_all, pad, self.stride[1:], self.dilation[1:], g,
+                                  packs)
                 return z.view(n, g, taps, -1, *z.shape[2:])
         z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
         return z.view(n, g, taps, -1, *z.shape[2:])
