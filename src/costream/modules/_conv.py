@@ -16,8 +16,7 @@ from torch import Tensor, nn
 from ..core._module import Age, CoModule, advance, chunk_emissions, emits
 from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache
-from ._onednn import (PackedConvKernels, onednn_conv2d, onednn_linear, onednn_usable,
-                      prefers_onednn)
+from ._onednn import PackedConvKernels, onednn_conv2d, onednn_linear, onednn_usable, prefers_onednn
 
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
