@@ -115,6 +115,8 @@ def test_bad_options_are_rejected() -> None:
 @pytest.mark.parametrize(("cls", "kwargs", "size"), [
     (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 21),  # split taps
     (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 20),  # one call, all taps
+    (DepthwiseConv3d, {"kernel_size": (5, 3, 3), "padding": (2, 1, 1), "groups": 6}, 21),
+    (DepthwiseConv3d, {"kernel_size": 3, "padding": (0, 1, 1), "groups": 6, "bias": False}, 21),
     (DepthwiseConv3d, {"kernel_size": 3, "stride": (1, 2, 2), "padding": 1, "groups": 6}, 9),
     (DepthwiseConv3d, {"kernel_size": (5, 1, 1), "padding": (2, 0, 0), "groups": 6}, 7),
     (GemmConv3d, {"kernel_size": (3, 1, 1), "padding": (1, 0, 0)}, 7),
