@@ -144,6 +144,9 @@ def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monk
         ref3 = net(x3)
     torch.testing.assert_close(_step_all(net, x3), _due(ref3, net), rtol=1e-4, atol=1e-5)
     assert (3, 16, 10, 14) in calls
+    # one packed kernel per layer serves every batch and frame size (an engine's changing
+    # blocks must not pile up copies of the weights)
+    assert [len(net[i]._packed.packs) for i in (0, 2)] == [1, 1]
 
 
 def test_a_stepped_3d_net_with_packed_kernels_copies_and_pickles() -> None:
@@ -180,3 +183,20 @@ def test_macs_of_a_3d_step_with_packed_kernels_are_counted() -> None:
         conv.forward_step(frame)  # packs its kernel
     # all 3 taps of the new frame: 16 * 3 output channels x 36 pixels x 8 * 9 inputs each
     assert step_macs(conv, frame) == 16 * 3 * 36 * 8 * 9
+
+
+def test_a_temporally_strided_3d_step_packs_one_kernel_per_phase(monkeypatch) -> None:
+    calls = _packed_calls(monkeypatch)
+    torch.manual_seed(0)
+    net = cs.continual(nn.Sequential(nn.Conv3d(4, 8, 3, stride=(2, 1, 1), padding=1))).eval()
+    x = torch.randn(2, 4, 9, 7, 7)
+    with torch.no_grad():
+        ref = net(x)
+    for _ in range(2):  # the second pass reuses the packed kernels
+        net.reset_state()
+        with torch.inference_mode():
+            ys = [net.forward_step(x[:, :, t]) for t in range(x.shape[2])]
+        got = torch.stack([y for y in ys if y is not None], dim=2)  # every other frame
+        torch.testing.assert_close(got, ref[:, :, :got.shape[2]], rtol=1e-4, atol=1e-5)
+        assert got.shape[2] == 4
+    assert calls and len(net[0]._packed.packs) == 2  # the taps of the even and the odd frames

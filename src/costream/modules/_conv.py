@@ -193,7 +193,7 @@ class _CoConvNd(CoModule):
                 # pack only kernels the cache holds (not ones recomputed at every step)
                 packs = self._packed if cache.value is not None else None
                 z = onednn_conv2d(x, w_all, b_all, pad, self.stride[1:], self.dilation[1:], g,
-                                  packs)
+                                  packs, id(cache))
                 return z.view(n, g, taps, -1, *z.shape[2:])
         z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
         return z.view(n, g, taps, -1, *z.shape[2:])

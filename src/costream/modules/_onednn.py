@@ -96,33 +96,36 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class PackedConvKernels:
-    """2D convolution kernels in oneDNN's blocked layout, packed once per kernel and input shape.
+    """2D convolution kernels in oneDNN's blocked layout, packed once per kernel.
 
     Handed a plain kernel, oneDNN re-lays it out at every call: for the per-frame convolutions
     of a continual 3D CNN (a few hundred kB of kernel against a small frame) that costs 10-25 %
-    of the call (measured with torch 2.13 on an AVX-512 EPYC, 1 and 2 threads). Entries are keyed
-    by the kernel tensor itself (a derived kernel is a new tensor when the weights change) and
-    the input shape; copies and pickles of a module start empty, since packed tensors have no
-    storage to copy.
+    of the call (measured with torch 2.13 on an AVX-512 EPYC, 1 and 2 threads). A kernel is
+    packed for the first input shape it meets; the layout oneDNN picks did not depend on it
+    (kernels packed for batch 1 or 10 and for other frame sizes ran every input shape equally
+    fast), and an input whose convolution wants another layout is still computed correctly.
+    One entry per ``slot`` (the caller's name for a kernel, e.g. the cache deriving it): a
+    kernel derived again after a weight change is a new tensor and replaces its slot's packed
+    kernel. Copies and pickles of a module start empty, since packed tensors have no storage
+    to copy.
     """
 
     __slots__ = ("packs",)
-    _LIMIT = 16
+    _LIMIT = 8  # kernels per layer: one, or one per phase of a temporally strided conv
 
     def __init__(self) -> None:
-        self.packs: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self.packs: dict[object, tuple[Tensor, Tensor]] = {}
 
-    def get(self, weight: Tensor, shape: tuple[int, ...], padding, stride, dilation,
-            groups: int) -> Tensor:
-        key = (id(weight), shape)
-        hit = self.packs.get(key)
+    def get(self, slot: object, weight: Tensor, shape: tuple[int, ...], padding, stride,
+            dilation, groups: int) -> Tensor:
+        hit = self.packs.get(slot)
         if hit is not None and hit[0] is weight:
             return hit[1]
-        if len(self.packs) >= self._LIMIT:
+        if hit is None and len(self.packs) >= self._LIMIT:
             self.packs.clear()
         packed = _REORDER_CONV2D(weight.to_mkldnn(), list(padding), list(stride), list(dilation),
                                  groups, list(shape))
-        self.packs[key] = (weight, packed)  # holding the kernel keeps its id unique
+        self.packs[slot] = (weight, packed)
         return packed
 
     def clear(self) -> None:
@@ -136,11 +139,11 @@ class PackedConvKernels:
 
 
 def onednn_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding, stride, dilation,
-                  groups: int, packs: PackedConvKernels | None) -> Tensor:
-    """A float32 CPU 2D convolution through oneDNN, with ``weight`` packed by ``packs`` where
-    the packed kernel op exists (else with the plain kernel)."""
+                  groups: int, packs: PackedConvKernels | None, slot: object = None) -> Tensor:
+    """A float32 CPU 2D convolution through oneDNN, with ``weight`` packed by ``packs`` (in
+    ``slot``) where the packed kernel op exists, else with the plain kernel."""
     if ONEDNN_CONV is None or packs is None:
         return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    packed = packs.get(weight, tuple(x.shape), padding, stride, dilation, groups)
+    packed = packs.get(slot, weight, tuple(x.shape), padding, stride, dilation, groups)
     return ONEDNN_CONV(x, packed, bias, list(padding), list(stride), list(dilation), groups,
                        "none", [], "")
