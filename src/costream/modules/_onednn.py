@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 _mkldnn_ops = getattr(torch.ops, "mkldnn", None)
 ONEDNN_LINEAR = (getattr(_mkldnn_ops, "_linear_pointwise", None)
@@ -27,8 +28,7 @@ _REORDER_CONV2D = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
 if _REORDER_CONV2D is None:
     ONEDNN_CONV = None
 
-if ONEDNN_LINEAR is not None or ONEDNN_CONV is not None:
-    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+if ONEDNN_LINEAR is not None:
 
     @register_flop_formula(ONEDNN_LINEAR)
     def _onednn_linear_flop(x_shape, w_shape, *args, **kwargs) -> int:
@@ -116,8 +116,8 @@ class PackedConvKernels:
     def __init__(self) -> None:
         self.packs: dict[object, tuple[Tensor, Tensor]] = {}
 
-    def get(self, slot: object, weight: Tensor, shape: tuple[int, ...], padding, stride,
-            dilation, groups: int) -> Tensor:
+    def get(self, slot: object, weight: Tensor, shape: torch.Size, padding, stride, dilation,
+            groups: int) -> Tensor:
         hit = self.packs.get(slot)
         if hit is not None and hit[0] is weight:
             return hit[1]
@@ -144,6 +144,6 @@ def onednn_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding, strid
     ``slot``) where the packed kernel op exists, else with the plain kernel."""
     if ONEDNN_CONV is None or packs is None:
         return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
-    packed = packs.get(slot, weight, tuple(x.shape), padding, stride, dilation, groups)
+    packed = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
     return ONEDNN_CONV(x, packed, bias, list(padding), list(stride), list(dilation), groups,
                        "none", [], "")
