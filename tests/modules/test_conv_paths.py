@@ -139,7 +139,7 @@ def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monk
         net[0].bias.add_(1.0)
         ref = net(x)
     torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
-    x3 = torch.randn(3, 3, 6, 10, 14)  # another batch and frame size: packed again
+    x3 = torch.randn(3, 3, 6, 10, 14)  # another batch and frame size, same packed kernels
     with torch.no_grad():
         ref3 = net(x3)
     torch.testing.assert_close(_step_all(net, x3), _due(ref3, net), rtol=1e-4, atol=1e-5)

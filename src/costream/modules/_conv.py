@@ -16,18 +16,17 @@ from torch import Tensor, nn
 from ..core._module import Age, CoModule, advance, chunk_emissions, emits
 from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache
-from ._onednn import PackedConvKernels, onednn_conv2d, onednn_linear, onednn_usable, prefers_onednn
+from ._onednn import (
+    PackedConvKernels,
+    onednn_conv2d,
+    onednn_inference,
+    onednn_linear,
+    onednn_usable,
+    prefers_onednn,
+)
 
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
-
-if _ONEDNN:
-    from torch.utils.flop_counter import conv_flop_count, register_flop_formula
-
-    @register_flop_formula(torch.ops.aten.mkldnn_convolution)
-    def _onednn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        """FLOPs of the oneDNN convolution the per-frame step calls (counted like any conv)."""
-        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
 class _CoConvNd(CoModule):
@@ -186,9 +185,7 @@ class _CoConvNd(CoModule):
             # oneDNN's channels-last kernels are several times faster for per-frame 2D convs;
             # torch's heuristic sends small batch-1 frames to a slower path, so ask for oneDNN
             x = x.contiguous(memory_format=torch.channels_last)
-            if (_ONEDNN and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                    and not torch.is_autocast_enabled("cpu")
-                    and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()):
+            if _ONEDNN and onednn_inference(x):
                 pad = (padding,) * 2 if isinstance(padding, int) else padding
                 # pack only kernels the cache holds (not ones recomputed at every step)
                 packs = self._packed if cache.value is not None else None

@@ -38,20 +38,30 @@ if ONEDNN_LINEAR is not None:
             rows *= d
         return 2 * rows * w_shape[0] * w_shape[1]
 
-if ONEDNN_CONV is not None:
+_ONEDNN_CONVS = [op for op in (getattr(torch.ops.aten, "mkldnn_convolution", None), ONEDNN_CONV)
+                 if op is not None]
+if _ONEDNN_CONVS and torch.backends.mkldnn.is_available():
 
-    @register_flop_formula(ONEDNN_CONV)
+    @register_flop_formula(_ONEDNN_CONVS)
     def _onednn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-        """FLOPs of oneDNN's convolution with a packed kernel (counted like any conv)."""
+        """FLOPs of the oneDNN convolutions a per-frame step calls, with a plain or a packed
+        kernel (counted like any conv)."""
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
-def onednn_usable(x: Tensor) -> bool:
-    """Whether ``x`` may go through oneDNN's linear: float32 CPU inference, not traced, not
-    under CPU autocast (which ``F.linear`` obeys and a direct oneDNN call would bypass)."""
-    return (ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+def onednn_inference(x: Tensor) -> bool:
+    """Whether ``x`` may go through a direct oneDNN call: float32 CPU inference, not traced, not
+    under CPU autocast (which ``F.linear`` and ``F.conv2d`` obey and a direct call would
+    bypass)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling() and not torch.compiler.is_exporting())
+
+
+def onednn_usable(x: Tensor) -> bool:
+    """Whether ``x`` may go through oneDNN's linear (:func:`onednn_inference`, and the op
+    exists in this torch)."""
+    return ONEDNN_LINEAR is not None and onednn_inference(x)
 
 
 def prefers_onednn(rows: int, in_features: int, out_features: int) -> bool:
@@ -127,9 +137,6 @@ class PackedConvKernels:
                                  groups, list(shape))
         self.packs[slot] = (weight, packed)
         return packed
-
-    def clear(self) -> None:
-        self.packs.clear()
 
     def __getstate__(self) -> dict:
         return {}
