@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -41,3 +43,18 @@ def test_stepping_sees_changed_parameters(make, change: str) -> None:
     second = _stream(conv, x)
     assert not torch.allclose(second, first)
     assert torch.allclose(second, conv(x), atol=1e-10)
+
+
+def test_a_copy_made_under_inference_mode_steps_with_a_warning() -> None:
+    """Deep-copying a stepped module inside inference mode makes inference parameters (no
+    version counter) that its copied caches still refer to: stepping warns, and is exact."""
+    conv = cs.Conv1d(3, 4, 3).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with torch.inference_mode():
+        conv.forward_step(x)
+        copy_ = copy.deepcopy(conv)
+        copy_.reset_state()
+        with pytest.warns(UserWarning, match="inference"):
+            ys = [copy_.forward_step(x) for _ in range(3)]
+    clip = x.unsqueeze(2).expand(-1, -1, 3)
+    torch.testing.assert_close(ys[-1], conv(clip)[:, :, 0])

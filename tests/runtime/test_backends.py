@@ -139,3 +139,50 @@ def test_bench_times_a_backend_and_checks_its_outputs(steps):
     assert row["backend_max_abs_diff"] < TOL and row["step_ms"] > 0
     with pytest.raises(ValueError, match="unknown backend"):
         run_bench([work], progress=False, backend="tvm")
+
+
+@pytest.mark.skipif("openvino" not in EXPORTED, reason="needs OpenVINO")
+def test_openvino_steps_a_graph_whose_output_port_has_two_names():
+    """A branch's delay line whose new state is a conv's output: OpenVINO names that output
+    port after the node too (``addmm_1``), so its ``any_name`` is not the manifest's name."""
+    torch.manual_seed(4)
+    net = cs.BroadcastReduce(cs.Conv1d(3, 4, 3), cs.Conv1d(3, 4, 1), reduce="sum").eval()
+    step = make_step(net, "openvino", frame_shape=(3,))
+    assert _stream(net, (3,), step) >= net.temporal.receptive_field
+
+
+@pytest.mark.parametrize("backend", ["eager", *EXPORTED])
+def test_frames_that_do_not_fit_the_state_are_one_readable_line(backend):
+    """Wrong frame size, channels, rank, batch or dtype: a ValueError/TypeError naming the
+    expected frames, not onnxruntime's, OpenVINO's or a kernel's error."""
+    net = cs.Conv2d(2, 3, 3, padding=1).eval()
+    step = make_step(net, backend, frame_shape=(2, 5))
+    bad = {"size": torch.randn(1, 2, 1, 6), "channels": torch.randn(1, 3, 1, 5),
+           "rank": torch.randn(1, 2, 5), "batch": torch.randn(2, 2, 1, 5)}
+    for x in bad.values():
+        with pytest.raises(ValueError, match=r"takes frames \(B, C, stride, \*spatial\) = "
+                                             r"\(1, 2, 1, 5\)"):
+            step(x, net.init_state(1, (2, 5)))
+    with pytest.raises((TypeError, ValueError), match="float32"):
+        step(torch.randn(1, 2, 1, 5, dtype=torch.float64), net.init_state(1, (2, 5)))
+    y, _ = step(torch.randn(1, 2, 1, 5), net.init_state(1, (2, 5)))
+    assert y.shape == (1, 3, 5)
+
+
+def test_exported_backends_refuse_a_frame_shape_or_dtype_the_module_cannot_take():
+    net = _tcn()
+    with pytest.raises(ValueError, match="takes 3 input channels, got frame shape"):
+        make_step(net, "onnxruntime", frame_shape=(4,))
+    with pytest.raises(TypeError, match=r"module's parameters are torch\.float32"):
+        make_step(net, "onnxruntime", frame_shape=(3,), dtype=torch.float16)
+
+
+def test_a_given_graph_for_other_frames_is_refused_by_name(tmp_path):
+    from costream.export import export_onnx
+
+    net = cs.Conv2d(2, 3, 3, padding=1).eval()
+    path = tmp_path / "conv.onnx"
+    export_onnx(net, path, (2, 5), batch_size=2)
+    step = make_step(net, "onnxruntime", frame_shape=(2, 7), onnx=path)
+    with pytest.raises(ValueError, match=r"conv.onnx steps float32 frames of shape \(2, 5\)"):
+        step(torch.randn(2, 2, 1, 7), net.init_state(2, (2, 7)))

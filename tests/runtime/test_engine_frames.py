@@ -47,3 +47,21 @@ def test_a_state_dtype_other_than_the_parameters_is_refused() -> None:
     pool.step({sid: torch.ones(2, dtype=torch.float64)})
     with pytest.raises(TypeError, match=r"frame dtype torch\.float32"):
         pool.step({sid: torch.ones(2)})
+
+
+@pytest.mark.parametrize("frame_shape, match", [
+    ((3,), "Conv1d takes 2 input channels"),
+    ((2, 5), r"Conv1d takes frames of 1 dimension\(s\)"),
+])
+def test_a_frame_shape_the_module_cannot_take_is_refused_when_built(frame_shape, match) -> None:
+    """Not a kernel's error (``mat1 and mat2 shapes``, an ``IndexError``) at the first step."""
+    for backend in ("eager", "onnxruntime"):
+        with pytest.raises(ValueError, match=f"StreamEngine: {match}"):
+            StreamEngine(cs.Conv1d(2, 3, 3), capacity=2, frame_shape=frame_shape,
+                         backend=backend)
+
+
+@pytest.mark.parametrize("max_batch", [1.5, True, "big", 0])
+def test_a_max_batch_other_than_a_positive_int_none_or_auto_is_refused(max_batch) -> None:
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        StreamEngine(cs.Conv1d(2, 3, 3), capacity=2, frame_shape=(2,), max_batch=max_batch)

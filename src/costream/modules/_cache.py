@@ -42,12 +42,15 @@ class DerivedCache:
         # fast path (the steady state): the same tensors, unchanged since the last call
         key, old = self.key, self.sources
         if key is not None and len(sources) == len(old):
-            for s, o, k in zip(sources, old, key):
-                if s is not o or (s is not None and (s._version != k[1]
-                                                     or s.data_ptr() != k[0])):
-                    break
-            else:
-                return self.value
+            try:
+                for s, o, k in zip(sources, old, key):
+                    if s is not o or (s is not None and (s._version != k[1]
+                                                         or s.data_ptr() != k[0])):
+                        break
+                else:
+                    return self.value
+            except RuntimeError:  # an inference tensor (no version counter) among the sources
+                pass
         value = self.fn()
         if any(s is not None and s.is_inference() for s in sources):
             # created under torch.inference_mode: no version counter tells in-place changes

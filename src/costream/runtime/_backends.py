@@ -29,6 +29,52 @@ BACKENDS = ("eager", "compiled", "onnxruntime", "openvino")
 StepFn = Callable[[Any, dict], tuple[Any, dict]]
 
 
+def check_frame_shape(module: CoModule, frame_shape: Any, who: str) -> None:
+    """Refuse a frame shape ``(C, *spatial)`` that ``module`` says it cannot take (frame
+    dimensions or channels, where it knows them), with one readable line."""
+    if not isinstance(frame_shape, (tuple, list)) or not frame_shape:
+        raise ValueError(f"{who}: the frame shape must be (C, *spatial), got {frame_shape!r}")
+    if isinstance(frame_shape[0], (tuple, list)):  # several inputs: the module checks them
+        return
+    ndim, channels = module._input_spec()
+    if ndim is not None and len(frame_shape) + 1 != ndim:
+        raise ValueError(f"{who}: {type(module).__name__} takes frames of {ndim - 1} "
+                         f"dimension(s) (C, *spatial), got frame shape {tuple(frame_shape)}")
+    if channels is not None and int(frame_shape[0]) != channels:
+        raise ValueError(f"{who}: {type(module).__name__} takes {channels} input channels, "
+                         f"got frame shape {tuple(frame_shape)}")
+
+
+def _check_frames(backend: str, x: Any, state: dict[str, Any], stride: int,
+                  frame_shape: tuple[int, ...] | None = None,
+                  dtype: torch.dtype | None = None) -> None:
+    """Refuse frames that do not fit the state (one readable line, not a kernel's error):
+    ``x`` must be ``(B, C, stride, *spatial)`` with the state's batch, frame shape and
+    dtype (where the state records them, as :meth:`CoModule.init_state` does)."""
+    if state["phase"] != 0:
+        raise ValueError("a stride step needs a state at phase 0")
+    if isinstance(x, tuple):  # several inputs: the module checks them
+        return
+    if not isinstance(x, Tensor):
+        raise TypeError(f"the {backend} step takes a tensor of frames (B, C, stride, "
+                        f"*spatial), got {type(x).__name__}")
+    age = state["age"]
+    batch = age.shape[0] if isinstance(age, Tensor) and age.dim() == 1 else x.shape[0]
+    frame_shape = frame_shape if frame_shape is not None else state.get("frame_shape")
+    if frame_shape and not isinstance(frame_shape[0], tuple):
+        want = (batch, frame_shape[0], stride, *frame_shape[1:])
+        if tuple(x.shape) != want:
+            raise ValueError(f"the {backend} step takes frames (B, C, stride, *spatial) = "
+                             f"{want} for this state, got {tuple(x.shape)}")
+    elif x.dim() < 3 or x.shape[0] != batch or x.shape[2] != stride:
+        raise ValueError(f"the {backend} step takes frames (B, C, stride, *spatial) with "
+                         f"B={batch}, stride={stride}, got {tuple(x.shape)}")
+    want_dtype = str(dtype).removeprefix("torch.") if dtype is not None else state.get("dtype")
+    if want_dtype is not None and str(x.dtype).removeprefix("torch.") != want_dtype:
+        raise TypeError(f"the {backend} step takes {want_dtype} frames (the state's), got "
+                        f"{x.dtype}")
+
+
 class EagerStep:
     """:meth:`CoModule.step_stride` that takes the layers' steady-state paths (no per-stream
     age masks) once every stream of the batch is past the network's warm-up, as
@@ -44,8 +90,7 @@ class EagerStep:
         self._warm_up = module._total_delay()
 
     def __call__(self, x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        if state["phase"] != 0:
-            raise ValueError("a stride step needs a state at phase 0")
+        _check_frames(self.backend, x, state, self._stride)
         age = state["age"]
         steady = int(age.min()) > self._warm_up
         tree, out = state["tree"], None
@@ -68,9 +113,16 @@ class _ExportedStep:
         if not isinstance(module, CoModule):
             raise TypeError(f"the {self.backend} backend needs a continual module, got "
                             f"{type(module).__name__}")
+        check_frame_shape(module, frame_shape, f"the {self.backend} backend")
+        param = next(module.parameters(), None)
+        if param is not None and param.dtype != dtype:
+            raise TypeError(f"the {self.backend} backend steps {dtype} frames and state, the "
+                            f"module's parameters are {param.dtype}: convert the module "
+                            f"(.to({dtype})) or leave dtype out")
         self.module = module
-        self.frame_shape = tuple(frame_shape)
+        self.frame_shape = tuple(int(v) for v in frame_shape)
         self.dtype = dtype
+        self._stride = module.temporal.stride
         self.threads = threads
         self.compiled = False
         self.reason: str | None = None
@@ -87,6 +139,12 @@ class _ExportedStep:
                 if manifest["batch_size"] != batch:
                     raise ValueError(f"{path.name} steps {manifest['batch_size']} streams at "
                                      f"once, got a batch of {batch}")
+                graph_frames = tuple(manifest["frame_shape"])
+                graph_dtype = str(self.dtype).removeprefix("torch.")
+                if graph_frames != self.frame_shape or manifest["dtype"] != graph_dtype:
+                    raise ValueError(f"{path.name} steps {manifest['dtype']} frames of shape "
+                                     f"{graph_frames}, this step {graph_dtype} frames of shape "
+                                     f"{self.frame_shape}")
             else:
                 from ..export import export_onnx
 
@@ -108,12 +166,11 @@ class _ExportedStep:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        if state["phase"] != 0:
-            raise ValueError("a stride step needs a state at phase 0")
         if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dtype != self.dtype:
             raise ValueError(f"the {self.backend} backend steps {self.dtype} CPU tensors, got "
                              f"{getattr(x, 'dtype', type(x).__name__)} on "
                              f"{getattr(x, 'device', '?')}")
+        _check_frames(self.backend, x, state, self._stride, self.frame_shape, self.dtype)
         tree = state["tree"]
         session, manifest = self._graph(x.shape[0], tree)
         feeds = [_array(x), _array(state["age"]), *(_array(t) for _, t in tree_leaves(tree))]
@@ -159,9 +216,10 @@ class OpenVinoStep(_ExportedStep):
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         compiled = ov.Core().compile_model(str(path), "CPU", config)
-        names = [i.any_name for i in compiled.inputs]
-        if names != manifest["inputs"] or [o.any_name for o in compiled.outputs] != \
-                manifest["outputs"]:
+        # a port may carry several names (OpenVINO merges an output's tensor name with the
+        # name of the node computing it, e.g. ``addmm_1``), its ``any_name`` any of them
+        if not (_named(compiled.inputs, manifest["inputs"])
+                and _named(compiled.outputs, manifest["outputs"])):
             raise ValueError(f"{path.name}: OpenVINO's inputs and outputs differ from the "
                              f"manifest's")
         return compiled.create_infer_request()
@@ -170,6 +228,11 @@ class OpenVinoStep(_ExportedStep):
         # inputs in the manifest's order (checked at load), read in place; outputs copied
         # out of the request's buffers, which the next call reuses
         return list(request.infer(feeds, share_inputs=True).values())
+
+
+def _named(ports: Any, names: list[str]) -> bool:
+    """Whether OpenVINO's ``ports`` carry ``names``, in that order."""
+    return len(ports) == len(names) and all(n in p.names for p, n in zip(ports, names))
 
 
 def make_step(module: CoModule, backend: str = "eager", *,

@@ -53,13 +53,18 @@ class CompiledStep:
 
     backend = "compiled"
 
-    def __init__(self, fn: Callable[[Any, dict], tuple[Any, dict]], rnn: bool) -> None:
+    def __init__(self, fn: Callable[[Any, dict], tuple[Any, dict]], rnn: bool,
+                 stride: int = 1) -> None:
         self.fn = fn
         self.compiled = True
         self.reason: str | None = None
         self._rnn = rnn
+        self._stride = stride
 
     def __call__(self, x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        from ._backends import _check_frames
+
+        _check_frames(self.backend, x, state, self._stride)
         if self._rnn:
             with torch._dynamo.config.patch(allow_rnn=True):
                 return self.fn(x, state)
@@ -124,4 +129,5 @@ def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool =
         return EagerStep(module, reason=CPU_FALLBACK_REASON)
     compiled = torch.compile(_stride_step(module), mode=mode, fullgraph=fullgraph,
                              backend=backend, dynamic=dynamic, options=options)
-    return CompiledStep(compiled, any(isinstance(m, nn.RNNBase) for m in module.modules()))
+    return CompiledStep(compiled, any(isinstance(m, nn.RNNBase) for m in module.modules()),
+                        module.temporal.stride)

@@ -13,6 +13,7 @@ caches. A call that steps a whole block uses its state as it is (no gather and s
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,11 +59,18 @@ class StreamEngine:
                  backend: str = "eager") -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        from ._backends import BACKENDS, check_frame_shape
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown step backend {backend!r}; choose one of "
+                             f"{', '.join(BACKENDS)}")
+        check_frame_shape(module, frame_shape, "StreamEngine")
         if max_batch == "auto":
             from ._blocks import auto_max_batch
 
             max_batch = auto_max_batch(module, int(capacity), tuple(frame_shape), device, dtype)
-        elif max_batch is not None and (isinstance(max_batch, str) or max_batch < 1):
+        elif max_batch is not None and (not isinstance(max_batch, numbers.Integral)
+                                        or isinstance(max_batch, bool) or max_batch < 1):
             raise ValueError(f"max_batch must be >= 1, None or 'auto', got {max_batch!r}")
         self.module = module
         self.capacity = int(capacity)
