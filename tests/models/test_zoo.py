@@ -114,11 +114,19 @@ def test_bad_options_are_rejected() -> None:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize(("cls", "kwargs", "size"), [
     (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 21),  # split taps
-    (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 20),  # one call, all taps
+    # one call for all taps: batch 2 x 14 x 14 pixels, under _SMALL_MAP
+    (DepthwiseConv3d, {"kernel_size": 3, "padding": 1, "groups": 6}, 14),
+    (DepthwiseConv3d, {"kernel_size": 3, "stride": (1, 2, 2), "padding": 1, "groups": 6}, 13),
     (DepthwiseConv3d, {"kernel_size": (5, 3, 3), "padding": (2, 1, 1), "groups": 6}, 21),
     (DepthwiseConv3d, {"kernel_size": 3, "padding": (0, 1, 1), "groups": 6, "bias": False}, 21),
     (DepthwiseConv3d, {"kernel_size": 3, "stride": (1, 2, 2), "padding": 1, "groups": 6}, 9),
     (DepthwiseConv3d, {"kernel_size": (5, 1, 1), "padding": (2, 0, 0), "groups": 6}, 7),
+    # temporal filters over the last frames: dilated, strided in space, unpadded
+    (DepthwiseConv3d, {"kernel_size": (3, 1, 1), "padding": (3, 0, 0), "dilation": (2, 1, 1),
+                       "groups": 6}, 7),
+    (DepthwiseConv3d, {"kernel_size": (4, 1, 1), "stride": (1, 2, 2), "padding": (1, 0, 0),
+                       "groups": 6, "bias": False}, 9),
+    (DepthwiseConv3d, {"kernel_size": (2, 1, 1), "groups": 6}, 5),
     (GemmConv3d, {"kernel_size": (3, 1, 1), "padding": (1, 0, 0)}, 7),
     (GemmConv3d, {"kernel_size": 1, "stride": (1, 2, 2)}, 7),
     (ReplicateConv3d, {"kernel_size": 3, "padding": 1}, 7),
@@ -131,6 +139,22 @@ def test_zoo_convolutions_stream_exactly(cls: type, kwargs: dict, size: int,
     reference = ref if cls is not ReplicateConv3d else _replicate_reference(conv)
     x = torch.randn(2, 6, 8, size, size, dtype=dtype)
     assert_streaming_equivalent(conv, x, reference)
+
+
+def test_temporal_filter_keeps_its_own_frames() -> None:
+    """The k x 1 x 1 depthwise filter keeps past frames in its state: refilling the caller's
+    frame tensor in place must not change them (nor the outputs still to come)."""
+    conv = DepthwiseConv3d(4, 4, (3, 1, 1), padding=(2, 0, 0), groups=4).double()
+    clip = torch.randn(1, 4, 6, 3, 5, dtype=torch.float64)
+    buffer = torch.empty(1, 4, 3, 5, dtype=torch.float64)
+    outs = []
+    for t in range(clip.shape[2]):
+        buffer.copy_(clip[:, :, t])
+        outs.append(conv.forward_step(buffer))
+    expected = nn.functional.conv3d(clip, conv.weight, conv.bias, padding=(2, 0, 0), groups=4)
+    # padding 2 before the stream: every step emits, output t ends at frame t
+    torch.testing.assert_close(torch.stack(outs, 2), expected[:, :, :6])
+    assert isinstance(conv.get_state()["tree"]["frames"], tuple)
 
 
 def _replicate_reference(conv: nn.Module):

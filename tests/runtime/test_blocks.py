@@ -27,6 +27,14 @@ def test_activation_bytes_grow_with_the_frame_not_with_the_weights():
     assert _blocks.activation_bytes(cs.Conv1d(4, 8, 3), (4,)) < 2**10  # weights not counted
 
 
+def test_activation_bytes_see_the_layers_after_a_warming_one():
+    """The first step of a fresh stream stops at a layer still warming up; the largest
+    activation here comes after it (64 channels out of a 1x1x1 conv)."""
+    net = cs.Sequential(cs.Conv3d(2, 2, (3, 1, 1)), torch.nn.ReLU(),
+                        cs.Conv3d(2, 64, 1)).eval()
+    assert _blocks.activation_bytes(net, (2, 8, 8)) >= 64 * 8 * 8 * 4
+
+
 def test_auto_block_size_keeps_calls_under_the_budget_and_steps_exactly(monkeypatch):
     net = _video()
     per_stream = _blocks.activation_bytes(net, (2, 16, 16))

@@ -44,6 +44,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..modules._fusion import unfused
+
 __all__ = ["PtflopsCounter", "ptflops_macs", "ptflops_step_macs"]
 
 aten = torch.ops.aten
@@ -184,8 +186,16 @@ _register(["avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
            "adaptive_max_pool2d", "adaptive_max_pool3d", "mean"], _pool)
 _register(["add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"], _elementwise)
 _onednn_linear = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+
+
+def _onednn_linear_rule(args: tuple, kwargs: dict, out: Any) -> int:
+    """oneDNN's linear, plus one per output element for a fused activation (post-op)."""
+    attr = args[3] if len(args) > 3 else kwargs.get("attr", "none")
+    return _linear(args, kwargs, out) + (out.numel() if attr != "none" else 0)
+
+
 if _onednn_linear is not None:  # the oneDNN linear the skeleton zoo steps its frames with
-    _RULES[_onednn_linear] = _linear
+    _RULES[_onednn_linear] = _onednn_linear_rule
 _onednn_conv = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
 if _onednn_conv is not None:  # the oneDNN convolution with packed kernels 3D CNNs step with
     _RULES[_onednn_conv] = _conv
@@ -256,7 +266,9 @@ def ptflops_step_macs(module: nn.Module, frame: Tensor, *, per: str = "step") ->
 
     On real tensors the module's stream is restarted, warmed up with ``delay + 1`` copies of
     ``frame`` (one ``forward_steps`` call), and the next ``stride`` calls of
-    ``forward_step(frame)`` are counted; the stream is restarted again afterwards. On ``meta``
+    ``forward_step(frame)`` are counted; the stream is restarted again afterwards. The layers
+    are counted as the network defines them: batch norms that a step folds into the
+    convolution before them (``costream.Sequential``'s fusion) count as in ptflops. On ``meta``
     tensors (no values, so no stateful bookkeeping) the pure ``step`` over a fresh explicit
     state is counted instead: it executes every layer's per-step work at every age (the
     warm-up is masked, not skipped), which equals the steady state of ``forward_step`` except
@@ -281,6 +293,11 @@ def ptflops_step_macs(module: nn.Module, frame: Tensor, *, per: str = "step") ->
     """
     if per not in ("step", "peak", "output"):
         raise ValueError(f"per must be 'step', 'peak' or 'output', got {per!r}")
+    with unfused():  # the network's layers as published, batch norms included
+        return _step_macs(module, frame, per)
+
+
+def _step_macs(module: nn.Module, frame: Tensor, per: str) -> float:
     stride = module.temporal.stride
     counts: list[int] = []
     outputs = 0

@@ -10,6 +10,7 @@ from torch import nn
 from ..core._mode import call_mode
 from ..core._module import Age, CoModule, advance, shift
 from ..core._temporal import Temporal
+from ._fusion import fuse_plan
 from ._pointwise import is_pointwise, pointwise_step
 
 
@@ -69,8 +70,11 @@ class Sequential(CoModule, nn.Sequential):
         self._prepare()
 
     def _prepare(self) -> None:
+        modules = list(self._modules.values())
         self._plan = [(i, isinstance(m, CoModule), m._step if isinstance(m, CoModule)
-                       else pointwise_step(m)) for i, m in enumerate(self._modules.values())]
+                       else pointwise_step(m)) for i, m in enumerate(modules)]
+        # single steps run conv -> batch norm -> activation triples fused (see _fusion)
+        self._step_plan = fuse_plan(modules, self._plan)
 
     def _temporal(self) -> Temporal:
         t = Temporal()
@@ -97,7 +101,7 @@ class Sequential(CoModule, nn.Sequential):
 
     def _step(self, x: Any, state: tuple, age: Age, phase: int):
         new = list(state)
-        for i, co, fn in self._plan:
+        for i, co, fn in self._step_plan:
             if co:
                 x, new[i], age, phase = fn(x, new[i], age, phase)
                 if x is None:

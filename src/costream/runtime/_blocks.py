@@ -41,10 +41,11 @@ def activation_bytes(module: CoModule, frame_shape: tuple[int, ...],
                      dtype: torch.dtype | None = None) -> int:
     """Bytes one more stream adds to the largest tensor of a steady-state step.
 
-    Steps the module once from a fresh state (zero frames) at batch 1 and 2 and compares the
-    tensors each operation makes: weights and kernels derived from them do not grow with the
-    batch, activations do. (The first step computes what later steps compute, plus the
-    start-of-stream masks; it costs one step, not a warm-up.)
+    Steps the module over one stride period from a fresh state (zero frames) at batch 1 and 2,
+    as in steady state (every layer runs, as once the warm-up is over; a first step from a
+    fresh stream would stop at the first layer still warming up), and compares the tensors
+    each operation makes: weights and kernels derived from them do not grow with the batch,
+    activations do. It costs one stride period of steps, not a warm-up.
 
     Example:
         >>> import costream as cs
@@ -57,8 +58,10 @@ def activation_bytes(module: CoModule, frame_shape: tuple[int, ...],
         state = module.init_state(batch, tuple(frame_shape), device=device, dtype=dtype)
         x = torch.zeros(batch, *frame_shape, device=state["age"].device,
                         dtype=dtype or _float_dtype(module))
+        tree = state["tree"]
         with torch.inference_mode(), _Sizes() as sizes:
-            module._step(x, state["tree"], 0, 0)
+            for phase in range(module.temporal.stride):
+                _, tree, _, _ = module._step(x, tree, None, phase)
         runs.append(sizes.sizes)
     if len(runs[0]) != len(runs[1]):  # another sequence of operations: the whole batch-2 step
         return max(runs[1], default=0) // 2
