@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from costream.bench import load_converted
+from costream.bench import format_table, load_converted
 from costream.cli import main
 
 MODEL = '''
@@ -60,6 +60,25 @@ def test_bench_prints_the_table(user_model, tmp_path, capsys):
     [record] = csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text()))
     assert record["model"] == "build"
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_names_the_step_backend_and_checks_its_outputs(user_model, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    args = ["bench", f"{user_model}:build_1d", "--frame-shape", "5", "--steps", "4",
+            "--threads", "1", "--no-progress", "--backend", "onnxruntime",
+            "--markdown", str(tmp_path / "r.md")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "float32, steps by onnxruntime" in out and "all exact" in out
+    assert "steps by onnxruntime" in (tmp_path / "r.md").read_text()
+
+
+def test_the_table_shows_the_larger_of_the_eager_and_backend_differences():
+    row = {"model": "m", "params": 1, "clip_frames": 3, "macs_clip": 1, "macs_step": 1,
+           "mac_reduction": 1.0, "clip_ms": 1.0, "step_ms": 1.0, "speedup": 1.0,
+           "state_bytes": 1, "max_abs_diff": 1e-7, "exact": False, "backend": "openvino",
+           "backend_max_abs_diff": 3e-3}
+    assert "3.0e-03 FAIL" in format_table([row])
 
 
 def test_bench_json_and_csv_to_stdout(user_model, capsys):

@@ -182,7 +182,7 @@ def _bench(args: argparse.Namespace) -> int:
     import time
 
     from .bench import format_table, plot_bench, run_bench, to_csv, to_json, to_markdown
-    from .bench._report import NOTES
+    from .bench._report import NOTES, backend_note
     from .bench._run import WorkloadError
     from .bench._workloads import check_model_name
 
@@ -224,7 +224,7 @@ def _bench(args: argparse.Namespace) -> int:
     if "-" not in (args.json, args.csv):
         threads = rows[0]["threads"] if rows else args.threads
         print(f"costream bench: {len(rows)} models, batch {args.batch_size}, threads {threads}, "
-              f"{args.device}, random weights, float32")
+              f"{args.device}, random weights, float32{backend_note(rows)}")
         print(format_table(rows))
         print(textwrap.fill(NOTES.replace("`", ""), width=100))
         verdict = f"FAILED exactness: {', '.join(failed)}" if failed else "all exact"

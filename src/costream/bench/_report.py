@@ -52,7 +52,8 @@ def _cell(key: str, row: dict[str, Any]) -> str:
         return _ms(v)
     if key == "state_bytes":
         return _bytes(v)
-    if key == "max_abs_diff":
+    if key == "max_abs_diff":  # with a step backend, the larger of its and eager's
+        v = max(v, row.get("backend_max_abs_diff") or 0.0)
         return f"{v:.1e} {'ok' if row['exact'] else 'FAIL'}"
     return str(v)
 
@@ -98,6 +99,13 @@ NOTES = (
 )
 
 
+def backend_note(rows: Sequence[dict[str, Any]]) -> str:
+    """``", steps by <backend>"`` where the timed steps ran on another backend than eager
+    (their outputs are checked too: max |step - offline| is the larger difference)."""
+    backend = next((r.get("backend") for r in rows if r.get("backend")), "eager")
+    return "" if backend == "eager" else f", steps by {backend} (checked against forward too)"
+
+
 def to_markdown(rows: Sequence[dict[str, Any]], path: str | Path | None = None, *,
                 command: str | None = None, seconds: float | None = None) -> str:
     """The results as a Markdown page (command, machine, table, notes); written to ``path``.
@@ -127,7 +135,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], path: str | Path | None = None, 
         f"Machine: {env['processor']}, {env['cpu_count']} CPUs{load}. Torch {env['torch']}, "
         f"costream {env['costream']}, Python {env['python']}. Device "
         f"{first.get('device', '?')}, threads {first.get('threads', '?')}, batch "
-        f"{first.get('batch_size', '?')}, float32, random weights{total}.",
+        f"{first.get('batch_size', '?')}, float32, random weights{backend_note(rows)}{total}.",
         "",
         format_table(rows, markdown=True),
         "",
