@@ -121,6 +121,10 @@ def test_bad_options_are_rejected() -> None:
     (DepthwiseConv3d, {"kernel_size": 3, "padding": (0, 1, 1), "groups": 6, "bias": False}, 21),
     (DepthwiseConv3d, {"kernel_size": 3, "stride": (1, 2, 2), "padding": 1, "groups": 6}, 9),
     (DepthwiseConv3d, {"kernel_size": (5, 1, 1), "padding": (2, 0, 0), "groups": 6}, 7),
+    # partial sums per future output: dilated in time, and strided in time (stacked sums)
+    (DepthwiseConv3d, {"kernel_size": 3, "padding": (2, 1, 1), "dilation": (2, 1, 1),
+                       "groups": 6}, 21),
+    (DepthwiseConv3d, {"kernel_size": 3, "stride": (2, 1, 1), "padding": 1, "groups": 6}, 21),
     # temporal filters over the last frames: dilated, strided in space, unpadded
     (DepthwiseConv3d, {"kernel_size": (3, 1, 1), "padding": (3, 0, 0), "dilation": (2, 1, 1),
                        "groups": 6}, 7),

@@ -180,8 +180,12 @@ class DepthwiseConv3d(cs.Conv3d):
         # a purely temporal kernel (k x 1 x 1) is a per-channel filter over the last frames:
         # keeping those frames reads k frames and writes one per step, where partial sums
         # write all k taps of every pixel and add k - 1 of them
-        self._fir = (self.kernel_size[1:] == (1, 1) and not any(self.padding[1:])
-                     and self.stride[0] == 1 and self.padding_mode == "zeros" and self._span > 0)
+        stepwise = self.stride[0] == 1 and self.padding_mode == "zeros" and self._span > 0
+        self._fir = stepwise and self.kernel_size[1:] == (1, 1) and not any(self._spad)
+        # other kernels keep one partial-sum tensor per future output (a tuple): each tap's
+        # output adds into the one it is due in, with no stacked copy of all taps and no
+        # copy of the due output out of it
+        self._sums = stepwise and not self._fir
         self._fir_cache = DerivedCache(self._fir_weights)
 
     def _fir_weights(self) -> tuple[Tensor, ...]:
@@ -189,22 +193,33 @@ class DepthwiseConv3d(cs.Conv3d):
         w = self.weight
         return tuple(w[:, 0, i].reshape(1, -1, 1, 1).contiguous() for i in range(w.shape[2]))
 
-    # ------------------------------------------------------------------ temporal filter steps
+    # ------------------------------------------------------------------ per-frame state steps
     def _init(self, batch: int, shape: tuple, device: torch.device, dtype: torch.dtype):
-        if not self._fir:
+        if not (self._fir or self._sums):
             return super()._init(batch, shape, device, dtype)
         spatial = self._out_spatial(tuple(shape[1:]))
         frames = tuple(torch.zeros(batch, self.out_channels, *spatial, device=device, dtype=dtype)
                        for _ in range(self._span))
-        return {"frames": frames}, (self.out_channels, *spatial)
+        return {"frames" if self._fir else "sums": frames}, (self.out_channels, *spatial)
 
     def _step(self, x: Tensor, state: dict, age, phase: int):
-        if not self._fir:
+        if not (self._fir or self._sums):
             return super()._step(x, state, age, phase)
-        given = x
         if isinstance(age, Tensor) and self._tpad[0]:
             # filler frames before a stream's first frame are the start padding: zeros
             x = torch.where((age >= 0).view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
+        y, state = self._filter(x, state) if self._fir else self._add_taps(x, state)
+        delay = self._span - self._tpad[0]
+        if age is None:
+            return y, state, None, phase - delay
+        out_age, out_phase = advance(age, phase, delay, 1)
+        if isinstance(out_age, int) and out_age < 0:
+            return None, state, None, 0
+        return y, state, out_age, out_phase
+
+    def _filter(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
+        """The k x 1 x 1 kernel as a filter over the frames the state keeps."""
+        given = x
         sh, sw = self.stride[1], self.stride[2]
         if sh != 1 or sw != 1:
             fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
@@ -220,31 +235,63 @@ class DepthwiseConv3d(cs.Conv3d):
             y.addcmul_(frames[span - (k - 1 - i) * d], taps[i])
         # the state keeps its own copy of the frame: the caller may refill its tensor
         keep = x.clone() if x is given else x
-        state = {"frames": (*frames[1:], keep)}
-        delay = span - self._tpad[0]
-        if age is None:
-            return y, state, None, phase - delay
-        out_age, out_phase = advance(age, phase, delay, 1)
-        if isinstance(out_age, int) and out_age < 0:
-            return None, state, None, 0
-        return y, state, out_age, out_phase
+        return y, {"frames": (*frames[1:], keep)}
+
+    def _add_taps(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
+        """Tap outputs into the partial sums: ``sums[j]`` is the sum, so far, of the output due
+        ``j`` steps from now; tap ``i`` of this frame belongs to the one due ``(k-1-i) * d``."""
+        taps = self._tap_outputs(x)
+        sums = state["sums"]
+        k, d, span = self._k, self._d, self._span
+        y = sums[0] + taps[k - 1]
+        new = []
+        for m in range(1, span + 1):  # due m steps from now: entry m - 1 after this step
+            i = k - 1 - m // d if m % d == 0 else None
+            if m == span:
+                new.append(taps[0])  # the first contribution to the farthest output
+            elif i is None:
+                new.append(sums[m])
+            else:
+                new.append(sums[m] + taps[i])
+        return y, {"sums": tuple(new)}
+
+    def _tap_outputs(self, x: Tensor) -> list[Tensor]:
+        """Each temporal tap's output ``(N, C, H_out, W_out)`` for frames ``x``, the bias on the
+        last (the tap due now)."""
+        if (x.device.type == "cpu" and x.dtype != torch.float64
+                and x.shape[0] * x.shape[2] * x.shape[3] > _SMALL_MAP):
+            params = self._parameters
+            weights = self._tap_cache.get(params["weight"])
+            if len(weights) == self._k:  # one spatial kernel per tap (not a 1x1 scale)
+                bias = params["bias"]
+                x = x.contiguous(memory_format=torch.channels_last)
+                last = len(weights) - 1
+                return [F.conv2d(x, w, bias if t == last else None, self.stride[1:],
+                                 self.padding[1:], self.dilation[1:], self.groups)
+                        for t, w in enumerate(weights)]
+        z = self._contributions(x)  # (N, C, k, 1, H, W)
+        return [z[:, :, i, 0] for i in range(self._k)]
 
     def _steps(self, x: Tensor, state: dict, age, phase: int):
-        if not self._fir:
+        if not (self._fir or self._sums):
             return super()._steps(x, state, age, phase)
         return CoModule._steps(self, x, state, age, phase)
 
     def _flush(self, state: dict, age, phase: int):
-        if not self._fir:
+        if not (self._fir or self._sums):
             return super()._flush(state, age, phase)
         pad = self._tpad[1]
         if pad <= 0:
             return None, state, None, 0
-        last = state["frames"][-1]
-        sh, sw = self.stride[1], self.stride[2]
-        # zero end frames, sized to give the state's frames after the spatial stride
-        zeros = last.new_zeros(last.shape[0], last.shape[1], pad,
-                               (last.shape[2] - 1) * sh + 1, (last.shape[3] - 1) * sw + 1)
+        last = (state["frames"] if self._fir else state["sums"])[-1]
+        # zero end frames, sized to give frames of the state's size after the spatial kernel
+        size = []
+        for dim in (0, 1):
+            k = 1 if self._fir else self.kernel_size[1 + dim]
+            lo, hi = (0, 0) if self._fir else (self._spad[2 - 2 * dim], self._spad[3 - 2 * dim])
+            size.append((last.shape[2 + dim] - 1) * self.stride[1 + dim]
+                        + self.dilation[1 + dim] * (k - 1) + 1 - lo - hi)
+        zeros = last.new_zeros(last.shape[0], last.shape[1], pad, *size)
         return self._steps(zeros, state, age, phase)
 
     def _stacked_weights(self) -> tuple[Tensor, Tensor | None]:
