@@ -81,9 +81,13 @@ def test_eager_backend_takes_the_steady_path_and_equals_step_stride(steps, name)
 
 def test_compile_step_falls_back_to_eager_on_cpu_and_says_why(steps):
     net, frame_shape, _ = steps["tcn"]
-    with pytest.warns(RuntimeWarning, match="slower than eager"):
+    with pytest.warns(RuntimeWarning, match="slower than eager") as caught:
         step = compile_step(net)
     assert step.compiled is False and "force=True" in step.reason
+    with pytest.warns(RuntimeWarning, match="slower than eager") as through:
+        assert make_step(net, "compiled").compiled is False
+    # both warnings point at the caller's line, not inside costream
+    assert [w.filename for w in (*caught, *through)] == [__file__, __file__]
     assert _stream(net, frame_shape, step) >= net.temporal.receptive_field
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither the make_step wrapper nor dynamo's graph

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable
@@ -125,9 +127,19 @@ def compile_step(module: CoModule, *, mode: str | None = None, fullgraph: bool =
         from ._backends import EagerStep
 
         warnings.warn(f"compile_step runs the eager step: {CPU_FALLBACK_REASON}",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=_user_level())
         return EagerStep(module, reason=CPU_FALLBACK_REASON)
     compiled = torch.compile(_stride_step(module), mode=mode, fullgraph=fullgraph,
                              backend=backend, dynamic=dynamic, options=options)
     return CompiledStep(compiled, any(isinstance(m, nn.RNNBase) for m in module.modules()),
                         module.temporal.stride)
+
+
+def _user_level() -> int:
+    """``stacklevel`` of the first caller outside ``costream.runtime`` (a warning raised for
+    ``make_step`` or ``StreamEngine`` then points at the user's line, not at ours)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
