@@ -136,3 +136,20 @@ def test_unfused_block_and_mac_counts_see_the_network_as_defined() -> None:
     torch.testing.assert_close(fused, plain)
     # conv 4 x 3 per pixel + bias, batch norm 2 per element, ReLU 1: 36 pixels x 4 channels
     assert ptflops_step_macs(net, frame) == 36 * 4 * (3 + 1 + 2 + 1)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU, nn.Sigmoid])
+def test_gradients_through_fused_steps_equal_the_offline_ones(act: type) -> None:
+    """With autograd on, the fold is recomputed (not cached) and the in-place activation
+    keeps what its backward needs: the parameters' gradients equal the offline network's."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv3d(3, 4, 1), _bn(nn.BatchNorm3d, 4), act()).double().eval()
+    net = cs.continual(ref)
+    assert len(_fused(net)) == 1
+    x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64)
+    torch.stack([net.forward_step(x[:, :, t]) for t in range(4)], 2).square().sum().backward()
+    stepped = [p.grad.clone() for p in ref.parameters()]
+    ref.zero_grad()
+    ref(x).square().sum().backward()
+    for got, p in zip(stepped, ref.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad)
