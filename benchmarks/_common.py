@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,16 +90,38 @@ def write_report(out: Path, stem: str, report: dict[str, Any], markdown: str) ->
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
+def gemm_rate(size: int = 2048, repeats: int = 9) -> float:
+    """Multiply-accumulates per second of a large float32 GEMM (``size x size/2`` times
+    ``size/2 x size/2``) at the current thread count: the faster of the BLAS (``addmm``) and
+    oneDNN's linear, each the median of ``repeats`` calls after 3 untimed ones. An upper bound
+    on the rate at which any step can execute its MACs."""
+    from costream.modules._onednn import ONEDNN_LINEAR
+
+    k = n = size // 2
+    a, b, c = torch.randn(size, k), torch.randn(k, n), torch.randn(n)
+    bt = b.t().contiguous()
+    kernels = [lambda: torch.addmm(c, a, b)]
+    if ONEDNN_LINEAR is not None:
+        kernels.append(lambda: ONEDNN_LINEAR(a, bt, c, "none", [], ""))
+    best = 0.0
+    with torch.inference_mode():
+        for kernel in kernels:
+            for _ in range(3):
+                kernel()
+            seconds = statistics.median(_seconds(kernel) for _ in range(repeats))
+            best = max(best, size * k * n / seconds)
+    return best
+
+
 def peaks(threads: int, quick: bool) -> dict[str, float]:
-    """Peak float32 GEMM rate (GMAC/s) and memory copy bandwidth (GB/s) at ``threads``."""
+    """Peak float32 GEMM rate (GMAC/s, :func:`gemm_rate`) and memory copy bandwidth (GB/s) at
+    ``threads``."""
     torch.set_num_threads(threads)
-    n = 512 if quick else 1536
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(3 if quick else 6))
+    gemm = gemm_rate(512 if quick else 2048, 3 if quick else 9)
     size = (1 << 22) if quick else (1 << 25)  # float32 elements: 16 MiB / 128 MiB
     src, dst = torch.randn(size), torch.empty(size)
     bw = min(_seconds(lambda: dst.copy_(src)) for _ in range(3 if quick else 6))
-    return {"gemm_gmacs": n ** 3 / best / 1e9, "bandwidth_gbs": 2 * 4 * size / bw / 1e9}
+    return {"gemm_gmacs": gemm / 1e9, "bandwidth_gbs": 2 * 4 * size / bw / 1e9}
 
 
 def _seconds(fn: Callable[[], Any]) -> float:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import OtherLoad, write_report
+from _common import OtherLoad, gemm_rate, write_report
 
 from costream.bench import resolve_workload, step_macs
 from costream.bench._report import cpu_model
@@ -73,30 +73,6 @@ def _timed(fn: Callable[[], Any], out: list[float]) -> Any:
     result = fn()
     out.append(time.perf_counter() - t0)
     return result
-
-
-def peak_gemm_rate(size: int = 2048, repeats: int = 9) -> float:
-    """Multiply-accumulates per second of a large float32 GEMM at the current thread count,
-    the faster of the BLAS (``addmm``) and oneDNN's linear: an upper bound on the rate at
-    which any batched step can execute its MACs."""
-    from costream.modules._onednn import ONEDNN_LINEAR
-
-    k = n = size // 2
-    a, b, c = torch.randn(size, k), torch.randn(k, n), torch.randn(n)
-    bt = b.t().contiguous()
-    kernels = [lambda: torch.addmm(c, a, b)]
-    if ONEDNN_LINEAR is not None:
-        kernels.append(lambda: ONEDNN_LINEAR(a, bt, c, "none", [], ""))
-    best = 0.0
-    with torch.inference_mode():
-        for kernel in kernels:
-            for _ in range(3):
-                kernel()
-            times: list[float] = []
-            for _ in range(repeats):
-                _timed(kernel, times)
-            best = max(best, size * k * n / statistics.median(times))
-    return best
 
 
 def bench_engine(spec: str, streams: int, steps: int, peak: float) -> dict[str, Any]:
@@ -250,7 +226,7 @@ def main() -> None:
     torch.manual_seed(0)
     steps, repeats, inner = (3, 3, 2) if args.quick else (args.steps, 21, 5)
     results: dict[str, Any] = {"engine": {}, "backends": {}}
-    peak = peak_gemm_rate()
+    peak = gemm_rate()
     results["peak_gemm_macs_per_s"] = peak
     print(f"peak GEMM rate {peak / 1e9:.1f} GMAC/s", flush=True)
     for name in args.engine:
