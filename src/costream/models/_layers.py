@@ -20,7 +20,7 @@ from torch import Tensor, nn
 import costream as cs
 from costream.modules._onednn import linear
 
-from ..core._module import CoModule, advance
+from ..core._module import CoModule
 from ..modules._cache import DerivedCache
 from ..modules._fusion import FUSABLE_CONVS
 
@@ -205,17 +205,9 @@ class DepthwiseConv3d(cs.Conv3d):
     def _step(self, x: Tensor, state: dict, age, phase: int):
         if not (self._fir or self._sums):
             return super()._step(x, state, age, phase)
-        if isinstance(age, Tensor) and self._tpad[0]:
-            # filler frames before a stream's first frame are the start padding: zeros
-            x = torch.where((age >= 0).view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
+        x = self._zero_fillers(x, age)
         y, state = self._filter(x, state) if self._fir else self._add_taps(x, state)
-        delay = self._span - self._tpad[0]
-        if age is None:
-            return y, state, None, phase - delay
-        out_age, out_phase = advance(age, phase, delay, 1)
-        if isinstance(out_age, int) and out_age < 0:
-            return None, state, None, 0
-        return y, state, out_age, out_phase
+        return self._emit(y, state, age, phase)
 
     def _filter(self, x: Tensor, state: dict) -> tuple[Tensor, dict]:
         """The k x 1 x 1 kernel as a filter over the frames the state keeps."""
@@ -259,18 +251,23 @@ class DepthwiseConv3d(cs.Conv3d):
         """Each temporal tap's output ``(N, C, H_out, W_out)`` for frames ``x``, the bias on the
         last (the tap due now)."""
         if (x.device.type == "cpu" and x.dtype != torch.float64
-                and x.shape[0] * x.shape[2] * x.shape[3] > _SMALL_MAP):
-            params = self._parameters
-            weights = self._tap_cache.get(params["weight"])
-            if len(weights) == self._k:  # one spatial kernel per tap (not a 1x1 scale)
-                bias = params["bias"]
-                x = x.contiguous(memory_format=torch.channels_last)
-                last = len(weights) - 1
-                return [F.conv2d(x, w, bias if t == last else None, self.stride[1:],
-                                 self.padding[1:], self.dilation[1:], self.groups)
-                        for t, w in enumerate(weights)]
+                and x.shape[0] * x.shape[2] * x.shape[3] > _SMALL_MAP
+                and self.kernel_size[1:] != (1, 1)):
+            return self._split_taps(x)
         z = self._contributions(x)  # (N, C, k, 1, H, W)
         return [z[:, :, i, 0] for i in range(self._k)]
+
+    def _split_taps(self, x: Tensor) -> list[Tensor]:
+        """One depthwise 2D conv per temporal tap (channels-last on the CPU), the bias on the
+        last tap's output."""
+        params = self._parameters
+        weights = self._tap_cache.get(params["weight"])
+        bias = params["bias"]
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        last = len(weights) - 1
+        return [F.conv2d(x, w, bias if t == last else None, self.stride[1:], self.padding[1:],
+                         self.dilation[1:], self.groups) for t, w in enumerate(weights)]
 
     def _steps(self, x: Tensor, state: dict, age, phase: int):
         if not (self._fir or self._sums):
@@ -285,12 +282,9 @@ class DepthwiseConv3d(cs.Conv3d):
             return None, state, None, 0
         last = (state["frames"] if self._fir else state["sums"])[-1]
         # zero end frames, sized to give frames of the state's size after the spatial kernel
-        size = []
-        for dim in (0, 1):
-            k = 1 if self._fir else self.kernel_size[1 + dim]
-            lo, hi = (0, 0) if self._fir else (self._spad[2 - 2 * dim], self._spad[3 - 2 * dim])
-            size.append((last.shape[2 + dim] - 1) * self.stride[1 + dim]
-                        + self.dilation[1 + dim] * (k - 1) + 1 - lo - hi)
+        size = [(last.shape[2 + dim] - 1) * self.stride[1 + dim]
+                + self.dilation[1 + dim] * (self.kernel_size[1 + dim] - 1) + 1
+                - self._spad[2 - 2 * dim] - self._spad[3 - 2 * dim] for dim in (0, 1)]
         zeros = last.new_zeros(last.shape[0], last.shape[1], pad, *size)
         return self._steps(zeros, state, age, phase)
 
@@ -347,12 +341,7 @@ class DepthwiseConv3d(cs.Conv3d):
             y = F.conv2d(xr, wk, bk, (sh, sw), self.padding[1:], self.dilation[1:], c * k)
             z = y.view(n, k, c, *y.shape[2:]).transpose(1, 2)
         else:
-            if x.device.type == "cpu":
-                x = x.contiguous(memory_format=torch.channels_last)
-            last = len(taps) - 1
-            z = torch.stack([F.conv2d(x, w, bias if t == last else None, (sh, sw),
-                                      self.padding[1:], self.dilation[1:], self.groups)
-                             for t, w in enumerate(taps)], 2)
+            z = torch.stack(self._split_taps(x), 2)
         return z.unsqueeze(3)  # (N, groups=C, k, C_out / groups = 1, H, W)
 
 

@@ -271,10 +271,7 @@ class _CoConvNd(CoModule):
         if age is None and self._lean:
             return self._lean_step(x, state, phase)
         replicate = self.padding_mode == "replicate"
-        if isinstance(age, Tensor) and self._tpad[0]:
-            # filler frames before a stream's first frame must leave the start padding intact:
-            # a zero frame only adds the bias to the (discarded) output due now
-            x = torch.where((age >= 0).view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
+        x = self._zero_fillers(x, age)
         psum = state["psum"]
         if self.stride[0] > 1 and not isinstance(age, Tensor) and not (
                 replicate and self._tpad[0] and age == 0):
@@ -290,6 +287,18 @@ class _CoConvNd(CoModule):
                     psum = torch.where(start, self._replicate_start(z), psum)
             y, new = self._update(z, psum)
         state = {"psum": new, "last": x} if replicate else {"psum": new}
+        return self._emit(y, state, age, phase)
+
+    def _zero_fillers(self, x: Tensor, age: Age) -> Tensor:
+        """Filler frames before a stream's first frame (``age < 0``) as zeros: they must leave
+        the start padding intact (a zero frame only adds the bias to the discarded output)."""
+        if isinstance(age, Tensor) and self._tpad[0]:
+            return torch.where((age >= 0).view(-1, *(1,) * (x.dim() - 1)), x, 0.0)
+        return x
+
+    def _emit(self, y: Tensor | None, state: dict, age: Age, phase: int):
+        """A step's return: ``y`` if the conv emits at ``phase``, with the output's age and
+        phase (nothing while the outputs still depend on padding only)."""
         delay, t = self._span - self._tpad[0], self.stride[0]
         if t != 1 and (phase - delay) % t:
             return None, state, None, 0

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core._module import advance
 from ._cache import DerivedCache
 from ._onednn import ONEDNN_LINEAR, onednn_usable, prefers_onednn
 
@@ -150,13 +149,7 @@ class PointwiseConvStep:
             y = F.linear(pixels, w, b)
             if self.act_ is not None:
                 self.act_(y)  # the product's own output: nothing else holds it
-        y = y.movedim(-1, 1)
-        if age is None:
-            return y, state, None, phase
-        out_age, out_phase = advance(age, phase, 0, 1)
-        if isinstance(out_age, int) and out_age < 0:
-            return None, state, None, 0
-        return y, state, out_age, out_phase
+        return conv._emit(y.movedim(-1, 1), state, age, phase)
 
     def _unfused(self, x: Any, state: Any, age: Any, phase: int):
         y, state, age, phase = self.conv_step(x, state, age, phase)
