@@ -8,7 +8,7 @@ from torch import nn
 
 import costream as cs
 from costream.bench import ptflops_step_macs
-from costream.modules import _fusion
+from costream.modules import _fusion, _onednn
 from costream.modules._onednn import ONEDNN_LINEAR
 from costream.testing import assert_streaming_equivalent
 
@@ -69,7 +69,7 @@ def test_large_products_take_onednn_with_the_activation_inside(monkeypatch) -> N
         attrs.append(attr)
         return ONEDNN_LINEAR(x, w, b, attr, scalars, algorithm)
 
-    monkeypatch.setattr(_fusion, "ONEDNN_LINEAR", spy)
+    monkeypatch.setattr(_onednn, "ONEDNN_LINEAR", spy)
     ref = nn.Sequential(nn.Conv3d(24, 54, 1, bias=False), _bn(nn.BatchNorm3d, 54),
                         nn.ReLU()).eval()
     net = cs.continual(ref)

@@ -17,20 +17,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._cache import DerivedCache
-from ._onednn import ONEDNN_LINEAR, onednn_usable, prefers_onednn
+from ._onednn import linear
 
-#: Activations stepped inside the product: oneDNN's post-op name, and the in-place function
-#: the other paths apply to the product's output.
-_ACTIVATIONS: dict[type[nn.Module], tuple[str, Callable[[Tensor], Tensor]]] = {
-    nn.ReLU: ("relu", torch.relu_),
-    nn.SiLU: ("swish", lambda y: F.silu(y, inplace=True)),
-    nn.Hardswish: ("hardswish", lambda y: F.hardswish(y, inplace=True)),
-    nn.Sigmoid: ("sigmoid", torch.sigmoid_),
-    nn.Tanh: ("tanh", torch.tanh_),
+#: Activations stepped inside the product, by oneDNN's post-op name (see
+#: :data:`costream.modules._onednn.POST_OPS`).
+_ACTIVATIONS: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.SiLU: "swish", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
 }
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -104,7 +100,7 @@ class PointwiseConvStep:
     def __init__(self, conv: nn.Module, bn: nn.Module | None, act: nn.Module | None,
                  conv_step: Callable, rest: list[Callable]) -> None:
         self.conv, self.bn = conv, bn
-        self.attr, self.act_ = _ACTIVATIONS[type(act)] if act is not None else ("none", None)
+        self.attr = _ACTIVATIONS[type(act)] if act is not None else "none"
         self.conv_step, self.rest = conv_step, rest
         self.cache = DerivedCache(self._fold)
 
@@ -139,16 +135,8 @@ class PointwiseConvStep:
         strides = conv.stride[1:]
         if any(s != 1 for s in strides):
             x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        pixels = x.movedim(1, -1)  # (B, *S, C): a view of channels-last frames
-        rows, k = pixels.numel() // max(pixels.shape[-1], 1), pixels.shape[-1]
-        if ONEDNN_LINEAR is not None and prefers_onednn(rows, k, w.shape[0]) \
-                and onednn_usable(pixels):
-            y = ONEDNN_LINEAR(pixels.reshape(rows, k), w, b, self.attr, [], "")
-            y = y.view(*pixels.shape[:-1], w.shape[0])
-        else:
-            y = F.linear(pixels, w, b)
-            if self.act_ is not None:
-                self.act_(y)  # the product's own output: nothing else holds it
+        # (B, *S, C): a view of channels-last frames
+        y = linear(x.movedim(1, -1), w, b, self.attr)
         return conv._emit(y.movedim(-1, 1), state, age, phase)
 
     def _unfused(self, x: Any, state: Any, age: Any, phase: int):

@@ -13,6 +13,8 @@ and devices never take these paths.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -90,19 +92,36 @@ def prefers_onednn(rows: int, in_features: int, out_features: int) -> bool:
             and torch.get_num_threads() > 1)
 
 
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``x @ weight.T + bias`` through oneDNN; ``x`` ``(R, K)``, ``weight`` ``(N, K)``."""
-    return ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
+#: Activations oneDNN's linear runs inside the product (post-ops, by oneDNN's name), with the
+#: in-place function the other paths apply to the product's output.
+POST_OPS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu_,
+    "swish": lambda y: F.silu(y, inplace=True),
+    "hardswish": lambda y: F.hardswish(y, inplace=True),
+    "sigmoid": torch.sigmoid_,
+    "tanh": torch.tanh_,
+}
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN where :func:`prefers_onednn` says so."""
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
+                  attr: str = "none") -> Tensor:
+    """``x @ weight.T + bias`` through oneDNN, then the post-op ``attr`` (a key of
+    :data:`POST_OPS`); ``x`` ``(R, K)``, ``weight`` ``(N, K)``."""
+    return ONEDNN_LINEAR(x.contiguous(), weight, bias, attr, [], "")
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "none") -> Tensor:
+    """``F.linear(x, weight, bias)`` then the activation ``attr`` (a key of :data:`POST_OPS`),
+    through oneDNN (the activation inside its product) where :func:`prefers_onednn` says so."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     if prefers_onednn(rows, k, weight.shape[0]) and onednn_usable(x):
-        y = onednn_linear(x.reshape(rows, k), weight.contiguous(), bias)
+        y = onednn_linear(x.reshape(rows, k), weight.contiguous(), bias, attr)
         return y.view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+    y = F.linear(x, weight, bias)
+    if attr != "none":
+        POST_OPS[attr](y)  # in place: the product's own output, nothing else holds it
+    return y
 
 
 class PackedConvKernels:
