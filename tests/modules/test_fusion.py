@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -24,9 +26,9 @@ def _bn(cls: type, channels: int, affine: bool = True) -> nn.Module:
     return bn.eval()
 
 
-def _fused(net: cs.Sequential) -> list:
+def _fused(net: cs.Sequential, kind: type = _fusion.PointwiseConvStep) -> list:
     net._prepare()
-    return [fn for _, _, fn in net._step_plan if isinstance(fn, _fusion.PointwiseConvStep)]
+    return [fn for _, _, fn in net._step_plan if isinstance(fn, kind)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -116,11 +118,13 @@ def test_only_plain_pointwise_convs_are_fused() -> None:
         cs.Conv3d(3, 4, (3, 1, 1), padding=(1, 0, 0)),  # temporal kernel
         cs.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1)),  # spatial kernel
         cs.Conv3d(4, 4, 1, groups=2),
-        Doubled(3, 4, 1),
     ]
-    for conv in cases:
+    for conv in cases:  # these step with the norm and activation as their epilogue
         net = cs.Sequential(conv, _bn(nn.BatchNorm3d, 4), nn.ReLU())
         assert _fused(net) == []
+        assert len(_fused(net, _fusion.EpilogueConvStep)) == 1
+    net = cs.Sequential(Doubled(3, 4, 1), _bn(nn.BatchNorm3d, 4), nn.ReLU())
+    assert _fused(net) == _fused(net, _fusion.EpilogueConvStep) == []
     assert len(_fused(cs.Sequential(cs.Conv3d(3, 4, 1), _bn(nn.BatchNorm3d, 4)))) == 1
     assert _fused(cs.Sequential(cs.Conv3d(3, 4, 1), _bn(nn.BatchNorm3d, 5))) == []
 
@@ -153,3 +157,156 @@ def test_gradients_through_fused_steps_equal_the_offline_ones(act: type) -> None
     ref(x).square().sum().backward()
     for got, p in zip(stepped, ref.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad)
+
+
+# ---------------------------------------------------------------- temporal convs: epilogues
+def _temporal_case(case: str) -> tuple[list[nn.Module], torch.Tensor]:
+    if case == "conv3d-bn-relu":
+        return [nn.Conv3d(4, 6, 3, padding=1), _bn(nn.BatchNorm3d, 6), nn.ReLU()], \
+            torch.randn(2, 4, 8, 7, 6)
+    if case == "conv3d-k5-stride-silu":
+        return [nn.Conv3d(3, 5, (5, 3, 3), stride=(1, 2, 2), padding=(2, 1, 1)),
+                _bn(nn.BatchNorm3d, 5, affine=False), nn.SiLU()], torch.randn(2, 3, 9, 9, 8)
+    if case == "conv3d-dilated-groups-bn":
+        return [nn.Conv3d(4, 6, (2, 3, 1), dilation=(2, 1, 1), padding=(2, 1, 0), groups=2),
+                _bn(nn.BatchNorm3d, 6)], torch.randn(2, 4, 9, 5, 4)
+    if case == "conv3d-temporal-stride-hardswish":
+        return [nn.Conv3d(3, 4, 3, stride=(2, 1, 1), padding=1), _bn(nn.BatchNorm3d, 4),
+                nn.Hardswish()], torch.randn(2, 3, 10, 5, 5)
+    if case == "conv3d-replicate-sigmoid":
+        return [nn.Conv3d(3, 4, 3, padding=1, padding_mode="replicate"), nn.Sigmoid()], \
+            torch.randn(2, 3, 7, 5, 5)
+    if case == "conv3d-spatial-only-bn-relu":
+        return [nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1)), _bn(nn.BatchNorm3d, 4),
+                nn.ReLU()], torch.randn(2, 3, 5, 6, 6)
+    if case == "conv3d-asymmetric-tpad-tanh":
+        return [nn.Conv3d(3, 4, 3, padding=(0, 1, 1)), _bn(nn.BatchNorm3d, 4), nn.Tanh()], \
+            torch.randn(2, 3, 7, 5, 5)
+    if case == "conv2d-bn-tanh":
+        return [nn.Conv2d(3, 5, 3, padding=1), _bn(nn.BatchNorm2d, 5), nn.Tanh()], \
+            torch.randn(2, 3, 8, 7)
+    return [nn.Conv1d(3, 5, 3, padding=2, dilation=2), _bn(nn.BatchNorm1d, 5), nn.Sigmoid()], \
+        torch.randn(2, 3, 9)
+
+
+_TEMPORAL_CASES = ["conv3d-bn-relu", "conv3d-k5-stride-silu", "conv3d-dilated-groups-bn",
+                   "conv3d-temporal-stride-hardswish", "conv3d-replicate-sigmoid",
+                   "conv3d-spatial-only-bn-relu", "conv3d-asymmetric-tpad-tanh",
+                   "conv2d-bn-tanh", "conv1d-dilated-bn-sigmoid"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", _TEMPORAL_CASES)
+def test_temporal_convs_step_through_their_epilogue(case: str, dtype: torch.dtype) -> None:
+    """The norm and activation after a conv with temporal taps run as the pass that writes
+    its output; every path (steady-state, warm-up, pure step, chunks) equals the offline
+    network."""
+    torch.manual_seed(0)
+    layers, x = _temporal_case(case)
+    ref = nn.Sequential(*layers).to(dtype).eval()
+    net = cs.continual(ref)
+    assert len(_fused(net, _fusion.EpilogueConvStep)) == 1
+    assert_streaming_equivalent(net, x.to(dtype), ref)
+
+
+@pytest.mark.parametrize("case", ["conv3d-bn-relu", "conv3d-k5-stride-silu", "conv2d-bn-tanh"])
+def test_epilogue_steps_leave_the_partial_sums_of_the_network_as_defined(case: str) -> None:
+    """Single steps (fused) then a chunk with the end padding (module by module) continue
+    one stream: the state between them is the unfused network's."""
+    torch.manual_seed(1)
+    layers, x = _temporal_case(case)
+    ref = nn.Sequential(*layers).eval()
+    net = cs.continual(ref)
+    with torch.inference_mode():
+        expected = ref(x)
+        head = [net.forward_step(x[:, :, t]) for t in range(5)]
+        tail = net.forward_steps(x[:, :, 5:], pad_end=True)
+        trees = []
+        for fuse in (True, False):
+            net.reset_state()
+            with contextlib.nullcontext() if fuse else _fusion.unfused():
+                for t in range(5):
+                    net.forward_step(x[:, :, t])
+            trees.append(net.get_state()["tree"])
+    got = torch.cat([torch.stack([y for y in head if y is not None], 2), tail], 2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(trees[0], trees[1], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(_onednn.ONEDNN_CONV is None, reason="this torch has no packed oneDNN conv")
+@pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 3), (5, 1, 3)])
+def test_steady_state_3d_steps_go_straight_to_the_packed_conv(monkeypatch, kernel) -> None:
+    """Float32 inference steps after the warm-up take the lean path (one packed oneDNN call
+    per step, no per-step layout decisions) and equal the offline conv, with and without an
+    epilogue."""
+    from costream.modules import _conv
+
+    calls = []
+    real = _conv._CoConvNd._lean_frame_step
+
+    def spy(self, *args):
+        calls.append(type(self).__name__)
+        return real(self, *args)
+
+    monkeypatch.setattr(_conv._CoConvNd, "_lean_frame_step", spy)
+    torch.manual_seed(2)
+    pad = tuple(k // 2 for k in kernel)
+    for tail in ([], [_bn(nn.BatchNorm3d, 6), nn.ReLU()]):
+        ref = nn.Sequential(nn.Conv3d(4, 6, kernel, stride=(1, 2, 1), padding=pad),
+                            *tail).eval()
+        net = cs.continual(ref)
+        x = torch.randn(2, 4, 9, 9, 6)
+        calls.clear()
+        with torch.inference_mode():
+            got = net.forward_steps(x, pad_end=True)  # chunks: the general path
+            net.reset_state()
+            steps = [net.forward_step(x[:, :, t]) for t in range(9)]
+            expected = ref(x)
+        steps = torch.stack([y for y in steps if y is not None], 2)
+        delay = kernel[0] - 1 - pad[0]
+        assert len(calls) == 9 - delay - 1  # every step once no stream is warming up
+        torch.testing.assert_close(steps, expected[:, :, :steps.shape[2]], rtol=1e-4,
+                                   atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", ["pointwise", "epilogue"])
+def test_a_changed_batch_norm_eps_reaches_the_next_step(fused: str) -> None:
+    """``eps`` is a float no version counter tracks: the folded norm is derived again."""
+    k = 1 if fused == "pointwise" else 3
+    ref = nn.Sequential(nn.Conv3d(3, 4, k, padding=k // 2), _bn(nn.BatchNorm3d, 4),
+                        nn.ReLU()).double().eval()
+    net = cs.continual(ref)
+    x = torch.randn(2, 3, 6, 5, 5, dtype=torch.float64)
+    with torch.no_grad():  # the folded norm is cached (with autograd on it is derived anew)
+        steps = [net.forward_step(x[:, :, t]) for t in range(3)]
+        ref[1].eps = 0.5  # mid-stream
+        assert net[1].eps == 0.5
+        steps += [net.forward_step(x[:, :, t]) for t in range(3, 6)]
+        expected = ref(x)
+    got = torch.stack([y for y in steps if y is not None], 2)
+    delay = k // 2
+    torch.testing.assert_close(got[:, :, 3 - delay:], expected[:, :, 3 - delay:6 - delay])
+
+
+def test_epilogue_under_cpu_autocast_equals_the_unfused_step() -> None:
+    """Under CPU autocast the conv's output is bfloat16 and the norm float32: the epilogue
+    runs the modules' own steps, as the unfused network does."""
+    torch.manual_seed(3)
+    net = cs.continual(nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), _bn(nn.BatchNorm3d, 4),
+                                     nn.ReLU()).eval())
+    x = torch.randn(2, 3, 5, 6, 6)
+    outs = []
+    for fuse in (True, False):
+        net.reset_state()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            if fuse:
+                outs.append([net.forward_step(x[:, :, t]) for t in range(5)])
+            else:
+                with _fusion.unfused():
+                    outs.append([net.forward_step(x[:, :, t]) for t in range(5)])
+    for a, b in zip(*outs, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a, b)

@@ -117,9 +117,9 @@ class GemmConv3d(cs.Conv3d):
             raise ValueError("GemmConv3d needs a 1x1 spatial kernel, groups=1 and no spatial "
                              "padding")
 
-    def _step(self, x: Tensor, state: dict, age, phase: int):
+    def _step(self, x: Tensor, state: dict, age, phase: int, epilogue=None):
         if self._span or self.stride[0] != 1 or x.dim() != 4:
-            return super()._step(x, state, age, phase)
+            return super()._step(x, state, age, phase, epilogue)
         # a 1x1x1 kernel has no temporal state and no delay: the frame maps straight through
         params = self._parameters
         sh, sw = self.stride[1], self.stride[2]
@@ -127,7 +127,8 @@ class GemmConv3d(cs.Conv3d):
             x = x[:, :, ::sh, ::sw]
         w = params["weight"]
         y = linear(x.permute(0, 2, 3, 1), w.view(w.shape[0], w.shape[1]), params["bias"])
-        return y.permute(0, 3, 1, 2), state, age, phase
+        y = y.permute(0, 3, 1, 2)
+        return (y if epilogue is None else epilogue(y)), state, age, phase
 
     def _contributions(self, x: Tensor, kernel=None) -> Tensor:
         if kernel is not None or x.dim() != 4:

@@ -7,7 +7,7 @@ MACs executed per step equal those of one output frame of the offline convolutio
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from ..core._module import Age, CoModule, advance, chunk_emissions, emits
 from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache
 from ._onednn import (
+    ONEDNN_CONV,
     PackedConvKernels,
     onednn_conv2d,
     onednn_inference,
@@ -25,8 +26,12 @@ from ._onednn import (
     prefers_onednn,
 )
 
+if TYPE_CHECKING:
+    from ._fusion import Epilogue
+
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
+_ONEDNN_PACKED = _ONEDNN and ONEDNN_CONV is not None
 
 
 class _CoConvNd(CoModule):
@@ -75,6 +80,13 @@ class _CoConvNd(CoModule):
         self._k, self._d = k, d
         self._lean = (self._ndim == 1 and self.groups == 1 and d == 1 and k > 1
                       and self.stride[0] == 1)
+        sp = self._spad
+        # steady-state steps of a 3D conv straight into oneDNN (see _lean_frame_step)
+        self._lean_frames = (self._ndim == 3 and _ONEDNN_PACKED and self.groups == 1
+                             and (d == 1 or k == 1) and self.stride[0] == 1
+                             and self.padding_mode == "zeros" and sp[0] == sp[1]
+                             and sp[2] == sp[3])
+        self._frame_pad = (sp[2], sp[0]) if self._ndim == 3 else None
         self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
         self._linear_cache = DerivedCache(self._linear_kernel)  # oneDNN's (rows, C_in) layout
@@ -195,27 +207,32 @@ class _CoConvNd(CoModule):
         z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
         return z.view(n, g, taps, -1, *z.shape[2:])
 
-    def _update(self, z: Tensor, psum: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _update(self, z: Tensor, psum: Tensor | None,
+                epilogue: Epilogue | None = None) -> tuple[Tensor, Tensor | None]:
         """Add tap contributions ``z`` into the partial sums: (due output, new partial sums)."""
         k, d = self._k, self._d
         if psum is None:
-            return self._frame_out(z.select(2, 0)), None
+            return self._frame_out(z.select(2, 0), epilogue), None
         if d == 1:
             z.narrow(2, 1, k - 1).add_(psum)
-            return self._frame_out(z.select(2, k - 1)), z.narrow(2, 0, k - 1)
+            return self._frame_out(z.select(2, k - 1), epilogue), z.narrow(2, 0, k - 1)
         full = torch.cat((z.narrow(2, 0, 1), psum), dim=2)
         full[:, :, d::d].add_(z[:, :, 1:])  # in place on the view: no write-back copy
-        return self._frame_out(full.select(2, self._span)), full.narrow(2, 0, self._span)
+        return (self._frame_out(full.select(2, self._span), epilogue),
+                full.narrow(2, 0, self._span))
 
-    def _frame_out(self, y: Tensor) -> Tensor:
-        """``(B, g, C_out / g, *S)`` -> ``(B, C_out, *S)``."""
+    def _frame_out(self, y: Tensor, epilogue: Epilogue | None = None) -> Tensor:
+        """``(B, g, C_out / g, *S)`` -> ``(B, C_out, *S)``, through ``epilogue`` if given (the
+        batch norm and activation after this conv, written as a new dense tensor)."""
         y = y.reshape(y.shape[0], self.out_channels, *y.shape[3:])
+        if epilogue is not None:
+            return epilogue(y)
         if self._ndim == 3 and y.device.type == "cpu":
             # the due tap is strided inside the channels-last contributions: make it dense
             y = y.contiguous(memory_format=torch.channels_last)
         return y
 
-    def _lean_step(self, x: Tensor, state: dict, phase: int):
+    def _lean_step(self, x: Tensor, state: dict, phase: int, epilogue: Epilogue | None = None):
         """Steady-state step of a Conv1d (no groups, dilation or stride) on flat 2D views:
         ``z = x W + b`` holds the k taps side by side; the partial sums add into taps 1..k-1."""
         wb = self._wb()
@@ -231,14 +248,38 @@ class _CoConvNd(CoModule):
         new = {"psum": head.view(n, 1, span, c)}
         if self.padding_mode == "replicate":
             new["last"] = x
+        if epilogue is not None:
+            y = epilogue(y)
         return y, new, None, phase - span + self._tpad[0]
 
-    def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int):
+    def _lean_frame_step(self, x: Tensor, state: dict, phase: int,
+                         epilogue: Epilogue | None):
+        """Steady-state step of a 3D conv (no groups, temporal dilation or stride, zero
+        padding) on float32 CPU inference: the packed oneDNN convolution of the frame, the
+        partial sums added into its taps 1..k-1, the due tap out. The general path's steps
+        less its per-step decisions, which cost a tenth of a small frame's step (an 8-channel
+        6 x 6 frame: 79 -> 66 µs per layer, measured with torch 2.13 on an AVX-512 EPYC)."""
+        cache = self._cache
+        w, b = cache.get(*self._wb())
+        x = x.contiguous(memory_format=torch.channels_last)
+        # pack only kernels the cache holds (not ones recomputed at every step)
+        z = onednn_conv2d(x, w, b, self._frame_pad, self.stride[1:], self.dilation[1:], 1,
+                          self._packed if cache.value is not None else None, id(cache))
+        k = self._k
+        z = z.view(x.shape[0], 1, k, self.out_channels, *z.shape[2:])
+        if k > 1:
+            z.narrow(2, 1, k - 1).add_(state["psum"])
+        return (self._frame_out(z.select(2, k - 1), epilogue),
+                {"psum": z.narrow(2, 0, k - 1) if k > 1 else None},
+                None, phase - self._span + self._tpad[0])
+
+    def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int,
+                        epilogue: Epilogue | None = None):
         """Like :meth:`_update`, computing only the taps that reach an emitted output."""
         taps, kernel, _ = self._phase_taps(phase)
         z = self._contributions(x, kernel) if taps else None
         if psum is None:
-            return (None if z is None else self._frame_out(z.select(2, 0))), None
+            return (None if z is None else self._frame_out(z.select(2, 0), epilogue)), None
         shape = list(psum.shape)
         shape[2] = 1
         full = torch.cat((psum.new_zeros(shape), psum), dim=2)
@@ -246,7 +287,8 @@ class _CoConvNd(CoModule):
             d = self._d
             for j, i in enumerate(taps):
                 full.select(2, i * d).add_(z.select(2, j))
-        return self._frame_out(full.select(2, self._span)), full.narrow(2, 0, self._span)
+        return (self._frame_out(full.select(2, self._span), epilogue),
+                full.narrow(2, 0, self._span))
 
     def _replicate_start(self, z: Tensor) -> Tensor | None:
         """Partial sums after the start padding, replicated from the frame with taps ``z``."""
@@ -267,15 +309,21 @@ class _CoConvNd(CoModule):
             state["last"] = torch.zeros(batch, *shape, device=device, dtype=dtype)
         return state, (self.out_channels, *spatial)
 
-    def _step(self, x: Tensor, state: dict, age: Age, phase: int):
-        if age is None and self._lean:
-            return self._lean_step(x, state, phase)
+    def _step(self, x: Tensor, state: dict, age: Age, phase: int,
+              epilogue: Epilogue | None = None):
+        """One step; ``epilogue`` (from a fused :class:`costream.Sequential`) writes the output
+        through the batch norm and activation that follow this conv."""
+        if age is None:
+            if self._lean:
+                return self._lean_step(x, state, phase, epilogue)
+            if self._lean_frames and onednn_inference(x) and x.dim() == 4:
+                return self._lean_frame_step(x, state, phase, epilogue)
         replicate = self.padding_mode == "replicate"
         x = self._zero_fillers(x, age)
         psum = state["psum"]
         if self.stride[0] > 1 and not isinstance(age, Tensor) and not (
                 replicate and self._tpad[0] and age == 0):
-            y, new = self._strided_update(x, psum, phase)
+            y, new = self._strided_update(x, psum, phase, epilogue)
         else:
             z = self._contributions(x)
             if age is not None and replicate and self._tpad[0]:
@@ -285,7 +333,7 @@ class _CoConvNd(CoModule):
                 else:
                     start = (age == 0).view(-1, *(1,) * (psum.dim() - 1))
                     psum = torch.where(start, self._replicate_start(z), psum)
-            y, new = self._update(z, psum)
+            y, new = self._update(z, psum, epilogue)
         state = {"psum": new, "last": x} if replicate else {"psum": new}
         return self._emit(y, state, age, phase)
 

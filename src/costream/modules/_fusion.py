@@ -1,13 +1,20 @@
-"""Step-time fusion inside :class:`costream.Sequential`: a pointwise-in-time convolution, the
-eval-mode batch norm after it and the activation after that step as one matrix product.
+"""Step-time fusion inside :class:`costream.Sequential`: a convolution, the eval-mode batch norm
+after it and the activation after that step together.
 
 A convolution whose kernel is 1 in time and 1 in space (X3D's expansions and projections,
 ResNet bottlenecks, 1x1 Conv1d layers) keeps no state: its step is a matrix product over the
 frame's pixels. The batch norm after it is folded into the product's weights and bias (derived
-once, re-derived when a parameter or a running statistic changes), and the activation after
-that runs inside oneDNN's product (a post-op) or in place on the product's fresh output. Each
-removed pass reads and writes a whole activation, which is what a batched step over large
-frames pays for. Offline ``forward``, chunked steps and flushes run the modules one by one.
+once, re-derived when a parameter, a running statistic or ``eps`` changes), and the activation
+after that runs inside oneDNN's product (a post-op) or in place on the product's fresh output.
+
+A convolution with temporal taps keeps partial sums, which must stay those of the network as
+defined (chunked steps and flushes continue them module by module): there the batch norm and
+the activation form the conv's :class:`Epilogue`, the pass that writes the step's output (the
+due partial sum, strided inside the taps) as a dense tensor, instead of a copy, a batch-norm
+pass and an activation pass. Each removed pass reads and writes a whole activation, which is
+what a step over large frames pays for; each removed call is a few microseconds of dispatch,
+which is what a step over small frames pays for. Offline ``forward``, chunked steps and flushes
+run the modules one by one.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._cache import DerivedCache
-from ._onednn import linear
+from ._onednn import POST_OPS, linear
 
 #: Activations stepped inside the product, by oneDNN's post-op name (see
 #: :data:`costream.modules._onednn.POST_OPS`).
@@ -29,6 +37,11 @@ _ACTIVATIONS: dict[type[nn.Module], str] = {
     nn.Tanh: "tanh",
 }
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: The same activations out of place (they write the epilogue's dense output).
+_OUT_OF_PLACE: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": torch.relu, "swish": F.silu, "hardswish": F.hardswish, "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
 
 _ENABLED = [True]
 
@@ -50,19 +63,26 @@ def unfused() -> Iterator[None]:
 FUSABLE_CONVS: set[type] = set()
 
 
-def _plain_conv(conv: nn.Module) -> bool:
-    """A continual conv of a registered class, 1 x 1 x ... in time and space, no groups, no
-    padding: its step is ``x W^T + b`` over the pixels."""
+def _fusable_conv(conv: nn.Module) -> bool:
+    """A continual conv whose class steps as :class:`costream.modules._conv._CoConvNd` does (a
+    subclass that changes what a step computes is left alone unless it registers)."""
     from ._conv import _CoConvNd
 
     if not isinstance(conv, _CoConvNd):
         return False
     for cls in type(conv).__mro__:
         if cls is _CoConvNd:
-            break
+            return True
         if cls not in FUSABLE_CONVS and any(n in vars(cls) for n in (
-                "_step", "_contributions", "_frame_out", "_update", "_init")):
+                "_step", "_contributions", "_frame_out", "_update", "_init", "_lean_step",
+                "_lean_frame_step", "_strided_update")):
             return False
+    return False
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """A fusable conv 1 x 1 x ... in time and space, no groups, no padding: its step is
+    ``x W^T + b`` over the pixels."""
     return (all(k == 1 for k in conv.kernel_size) and conv.stride[0] == 1 and conv.groups == 1
             and conv.padding_mode == "zeros" and conv._span == 0 and not any(conv._tpad)
             and not any(conv._spad))
@@ -73,7 +93,7 @@ def fuse_plan(modules: list[nn.Module], plan: list[tuple[int, bool, Callable]]) 
     out, i = [], 0
     while i < len(plan):
         m = modules[i]
-        if _plain_conv(m):
+        if _fusable_conv(m):
             j, bn, act = i + 1, None, None
             if j < len(modules) and type(modules[j]) in _BATCH_NORMS \
                     and modules[j].num_features == m.out_channels:
@@ -82,7 +102,8 @@ def fuse_plan(modules: list[nn.Module], plan: list[tuple[int, bool, Callable]]) 
                 act, j = modules[j], j + 1
             if bn is not None or act is not None:
                 rest = [plan[n][2] for n in range(i + 1, j)]
-                out.append((i, True, PointwiseConvStep(m, bn, act, plan[i][2], rest)))
+                kind = PointwiseConvStep if _plain_conv(m) else EpilogueConvStep
+                out.append((i, True, kind(m, bn, act, plan[i][2], rest)))
                 i = j
                 continue
         out.append(plan[i])
@@ -90,54 +111,41 @@ def fuse_plan(modules: list[nn.Module], plan: list[tuple[int, bool, Callable]]) 
     return out
 
 
-class PointwiseConvStep:
-    """One step of ``conv -> [bn] -> [act]`` (see the module docstring).
+def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """An eval batch norm as ``x * scale + shift`` (per channel)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
 
-    Falls back to the modules one by one where folding does not hold: a batch norm in training
-    mode or without running statistics (its own step then says why).
-    """
+
+def _bn_sources(bn: nn.Module, cache: DerivedCache, eps: list) -> tuple:
+    """The tensors a batch norm's folded form derives from; a changed ``eps`` (a float, which
+    no version counter tracks) empties ``cache`` (compiled graphs derive it anew anyway)."""
+    if not torch.compiler.is_compiling() and bn.eps != eps[0]:
+        cache.invalidate()
+        eps[0] = bn.eps
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def _folds(bn: nn.Module | None) -> bool:
+    """Whether ``bn`` (if any) is an eval batch norm with running statistics."""
+    return bn is None or (not bn.training and bn.running_mean is not None)
+
+
+class _FusedStep:
+    """One step of ``conv -> [bn] -> [act]``; module by module (:meth:`_unfused`) where folding
+    does not hold: a batch norm in training mode or without running statistics (its own step
+    then says why)."""
 
     def __init__(self, conv: nn.Module, bn: nn.Module | None, act: nn.Module | None,
                  conv_step: Callable, rest: list[Callable]) -> None:
         self.conv, self.bn = conv, bn
         self.attr = _ACTIVATIONS[type(act)] if act is not None else "none"
         self.conv_step, self.rest = conv_step, rest
-        self.cache = DerivedCache(self._fold)
-
-    def _fold(self) -> tuple[Tensor, Tensor | None]:
-        conv, bn = self.conv, self.bn
-        w = conv.weight.reshape(conv.out_channels, conv.in_channels)
-        b = conv.bias
-        if bn is not None:
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.bias is not None:
-                shift = shift + bn.bias
-            w = w * scale.unsqueeze(1)
-            b = shift if b is None else shift + b * scale
-            b = b.to(w.dtype)
-        return w.contiguous(), b
-
-    def __call__(self, x: Any, state: Any, age: Any, phase: int):
-        bn = self.bn
-        if not _ENABLED[0] or (bn is not None and (bn.training or bn.running_mean is None)):
-            return self._unfused(x, state, age, phase)
-        conv = self.conv
-        if not isinstance(x, Tensor) or x.dim() != conv._ndim + 1:
-            return self._unfused(x, state, age, phase)
-        if bn is None:
-            w, b = self.cache.get(conv.weight, conv.bias)
-        else:
-            w, b = self.cache.get(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                                  bn.running_var)
-        strides = conv.stride[1:]
-        if any(s != 1 for s in strides):
-            x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-        # (B, *S, C): a view of channels-last frames
-        y = linear(x.movedim(1, -1), w, b, self.attr)
-        return conv._emit(y.movedim(-1, 1), state, age, phase)
 
     def _unfused(self, x: Any, state: Any, age: Any, phase: int):
         y, state, age, phase = self.conv_step(x, state, age, phase)
@@ -145,3 +153,91 @@ class PointwiseConvStep:
             for fn in self.rest:
                 y = fn(y)
         return y, state, age, phase
+
+
+class PointwiseConvStep(_FusedStep):
+    """A pointwise conv's step with the norm folded into its product and the activation run
+    by the product (see the module docstring)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.cache = DerivedCache(self._fold)
+        self._eps = [None if self.bn is None else self.bn.eps]
+
+    def _fold(self) -> tuple[Tensor, Tensor | None]:
+        conv, bn = self.conv, self.bn
+        w = conv.weight.reshape(conv.out_channels, conv.in_channels)
+        b = conv.bias
+        if bn is not None:
+            scale, shift = _bn_affine(bn)
+            w = w * scale.unsqueeze(1)
+            b = shift if b is None else shift + b * scale
+            b = b.to(w.dtype)
+        return w.contiguous(), b
+
+    def __call__(self, x: Any, state: Any, age: Any, phase: int):
+        bn = self.bn
+        if not _ENABLED[0] or not _folds(bn):
+            return self._unfused(x, state, age, phase)
+        conv = self.conv
+        if not isinstance(x, Tensor) or x.dim() != conv._ndim + 1:
+            return self._unfused(x, state, age, phase)
+        if bn is None:
+            w, b = self.cache.get(conv.weight, conv.bias)
+        else:
+            w, b = self.cache.get(conv.weight, conv.bias,
+                                  *_bn_sources(bn, self.cache, self._eps))
+        strides = conv.stride[1:]
+        if any(s != 1 for s in strides):
+            x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+        # (B, *S, C): a view of channels-last frames
+        y = linear(x.movedim(1, -1), w, b, self.attr)
+        return conv._emit(y.movedim(-1, 1), state, age, phase)
+
+
+class Epilogue:
+    """The eval batch norm and activation after a temporal conv, applied by the conv's step as
+    it writes the due output: ``act(y * scale + shift)`` as one new dense tensor (the
+    multiply-add's output, the activation in place on it), or ``act(y)`` out of place.
+
+    ``rest`` (the modules' own steps) runs instead where the folded form does not apply: an
+    output of another dtype than the norm's (CPU autocast).
+    """
+
+    def __init__(self, bn: nn.Module | None, attr: str, rest: list[Callable]) -> None:
+        self.bn, self.attr, self.rest = bn, attr, rest
+        self.cache = DerivedCache(self._affine)
+        self._eps = [None if bn is None else bn.eps]
+
+    def _affine(self) -> tuple[Tensor, Tensor]:
+        return _bn_affine(self.bn)
+
+    def __call__(self, y: Tensor) -> Tensor:
+        bn = self.bn
+        if bn is None:
+            return _OUT_OF_PLACE[self.attr](y)
+        scale, shift = self.cache.get(*_bn_sources(bn, self.cache, self._eps))
+        if y.dtype != scale.dtype:
+            if y.dim() == 4 and y.device.type == "cpu":
+                y = y.contiguous(memory_format=torch.channels_last)
+            for fn in self.rest:
+                y = fn(y)
+            return y
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        out = torch.addcmul(shift.view(shape), y, scale.view(shape))
+        if self.attr != "none":
+            POST_OPS[self.attr](out)  # in place: the multiply-add's own output
+        return out
+
+
+class EpilogueConvStep(_FusedStep):
+    """A temporal conv's step with the norm and activation as its :class:`Epilogue`."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.epilogue = Epilogue(self.bn, self.attr, self.rest)
+
+    def __call__(self, x: Any, state: Any, age: Any, phase: int):
+        if not _ENABLED[0] or not _folds(self.bn):
+            return self._unfused(x, state, age, phase)
+        return self.conv_step(x, state, age, phase, self.epilogue)
