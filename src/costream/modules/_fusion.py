@@ -59,7 +59,8 @@ def unfused() -> Iterator[None]:
 
 
 #: Convolution classes whose step is the convolution itself (subclasses that change what a
-#: step computes are left alone unless they register here).
+#: step computes are left alone unless they register here; a registered class's ``_step``
+#: takes the ``epilogue`` argument of :meth:`costream.modules._conv._CoConvNd._step`).
 FUSABLE_CONVS: set[type] = set()
 
 
