@@ -13,6 +13,7 @@ import costream as cs
 from costream.bench import step_macs
 from costream.modules import _conv
 from costream.modules._onednn import ONEDNN_LINEAR
+from costream.testing import assert_streaming_equivalent
 
 
 def _step_all(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,8 @@ def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monk
     with torch.no_grad():
         ref = net(x)
     torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
-    assert (1, 3, 12, 12) in calls and (1, 16, 12, 12) in calls
+    # each step convolves the layer's last 3 input frames at once
+    assert (1, 3, 3, 12, 12) in calls and (1, 16, 3, 12, 12) in calls
     with torch.no_grad():  # a kernel packed from the old weights must not survive this
         net[2].weight.mul_(-0.5)
         net[0].bias.add_(1.0)
@@ -143,7 +145,7 @@ def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monk
     with torch.no_grad():
         ref3 = net(x3)
     torch.testing.assert_close(_step_all(net, x3), _due(ref3, net), rtol=1e-4, atol=1e-5)
-    assert (3, 16, 10, 14) in calls
+    assert (3, 16, 3, 10, 14) in calls
     # one packed kernel per layer serves every batch and frame size (an engine's changing
     # blocks must not pile up copies of the weights)
     assert [len(net[i]._packed.packs) for i in (0, 2)] == [1, 1]
@@ -185,18 +187,42 @@ def test_macs_of_a_3d_step_with_packed_kernels_are_counted() -> None:
     assert step_macs(conv, frame) == 16 * 3 * 36 * 8 * 9
 
 
-def test_a_temporally_strided_3d_step_packs_one_kernel_per_phase(monkeypatch) -> None:
+def test_a_temporally_strided_3d_step_convolves_only_at_its_outputs(monkeypatch) -> None:
     calls = _packed_calls(monkeypatch)
     torch.manual_seed(0)
     net = cs.continual(nn.Sequential(nn.Conv3d(4, 8, 3, stride=(2, 1, 1), padding=1))).eval()
     x = torch.randn(2, 4, 9, 7, 7)
     with torch.no_grad():
         ref = net(x)
-    for _ in range(2):  # the second pass reuses the packed kernels
+    for _ in range(2):  # the second pass reuses the packed kernel
         net.reset_state()
+        calls.clear()
         with torch.inference_mode():
             ys = [net.forward_step(x[:, :, t]) for t in range(x.shape[2])]
         got = torch.stack([y for y in ys if y is not None], dim=2)  # every other frame
         torch.testing.assert_close(got, ref[:, :, :got.shape[2]], rtol=1e-4, atol=1e-5)
         assert got.shape[2] == 4
-    assert calls and len(net[0]._packed.packs) == 2  # the taps of the even and the odd frames
+        assert len(calls) == 4  # the frames in between are only kept
+    assert len(net[0]._packed.packs) == 1
+
+
+@pytest.mark.parametrize("geometry", [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": (5, 3, 1), "padding": (2, 1, 0), "stride": (1, 2, 1)},
+    {"kernel_size": (2, 3, 3), "padding": (1, 1, 1), "dilation": (3, 1, 2), "groups": 2},
+    {"kernel_size": (3, 1, 1), "stride": (2, 1, 1), "bias": False},
+    {"kernel_size": (3, 3, 3), "padding": (0, 2, 2), "dilation": (1, 2, 2), "stride": 2},
+], ids=["k3", "k5-spatial-stride", "dilated-groups", "temporal-stride-no-bias", "strided-all"])
+def test_buffered_3d_steps_in_float32_inference_equal_the_offline_conv(geometry) -> None:
+    """The buffered step's oneDNN path (float32, inference mode) and its chunked path, over
+    every step kind the contract checks."""
+    torch.manual_seed(0)
+    src = nn.Conv3d(4, 6, **geometry).eval()
+    co = cs.continual(src)
+    assert co._buffered
+    x = torch.randn(2, 4, 11, 9, 8)
+    with torch.inference_mode():
+        assert_streaming_equivalent(co, x, src)
+        state = co.init_state(2, (4, 9, 8))
+    span = (co.kernel_size[0] - 1) * co.dilation[0]
+    assert state["tree"]["frames"].shape == (2, 4, span, 9, 8)  # the last input frames

@@ -235,20 +235,20 @@ def test_epilogue_steps_leave_the_partial_sums_of_the_network_as_defined(case: s
 
 @pytest.mark.skipif(_onednn.ONEDNN_CONV is None, reason="this torch has no packed oneDNN conv")
 @pytest.mark.parametrize("kernel", [(3, 3, 3), (1, 3, 3), (5, 1, 3)])
-def test_steady_state_3d_steps_go_straight_to_the_packed_conv(monkeypatch, kernel) -> None:
-    """Float32 inference steps after the warm-up take the lean path (one packed oneDNN call
-    per step, no per-step layout decisions) and equal the offline conv, with and without an
-    epilogue."""
-    from costream.modules import _conv
+def test_3d_steps_run_the_norm_and_activation_inside_the_packed_conv(monkeypatch,
+                                                                    kernel) -> None:
+    """Float32 inference steps of a 3D conv end in one packed oneDNN call: a conv with
+    temporal taps convolves its buffered frames with the norm folded into its kernel and the
+    activation as the call's post-op; a stateless (1 x kh x kw) one convolves the frame. Both
+    equal the offline network."""
+    attrs = []
+    real = _onednn.ONEDNN_CONV
 
-    calls = []
-    real = _conv._CoConvNd._lean_frame_step
+    def spy(*args):
+        attrs.append((args[0].dim(), args[7]))
+        return real(*args)
 
-    def spy(self, *args):
-        calls.append(type(self).__name__)
-        return real(self, *args)
-
-    monkeypatch.setattr(_conv._CoConvNd, "_lean_frame_step", spy)
+    monkeypatch.setattr(_onednn, "ONEDNN_CONV", spy)
     torch.manual_seed(2)
     pad = tuple(k // 2 for k in kernel)
     for tail in ([], [_bn(nn.BatchNorm3d, 6), nn.ReLU()]):
@@ -256,18 +256,22 @@ def test_steady_state_3d_steps_go_straight_to_the_packed_conv(monkeypatch, kerne
                             *tail).eval()
         net = cs.continual(ref)
         x = torch.randn(2, 4, 9, 9, 6)
-        calls.clear()
+        attrs.clear()
         with torch.inference_mode():
-            got = net.forward_steps(x, pad_end=True)  # chunks: the general path
+            got = net.forward_steps(x, pad_end=True)  # chunks: module by module
             net.reset_state()
+            attrs.clear()
             steps = [net.forward_step(x[:, :, t]) for t in range(9)]
             expected = ref(x)
         steps = torch.stack([y for y in steps if y is not None], 2)
-        delay = kernel[0] - 1 - pad[0]
-        assert len(calls) == 9 - delay - 1  # every step once no stream is warming up
         torch.testing.assert_close(steps, expected[:, :, :steps.shape[2]], rtol=1e-4,
                                    atol=1e-5)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        dims = 4 if kernel[0] == 1 else 5
+        if kernel[0] == 1:  # the stateless lean path: steady-state steps only, epilogue after
+            assert {a for a in attrs} == {(4, "none")}
+        else:  # every step of the buffered conv, the activation inside the call when fused
+            assert {a for a in attrs} == {(dims, "relu" if tail else "none")}
 
 
 @pytest.mark.parametrize("fused", ["pointwise", "epilogue"])

@@ -228,7 +228,7 @@ class CoModule(nn.Module):
             >>> import torch, costream as cs
             >>> conv = cs.Conv3d(3, 8, kernel_size=3, padding=1)
             >>> state = conv.init_state(2, (3, 16, 16))
-            >>> state["tree"]["psum"].shape[2]  # k - 1 partial sums per output channel and pixel
+            >>> state["tree"]["frames"].shape[2]  # the last k - 1 frames it convolves with the next
             2
         """
         dev, dt = self._default_device_dtype(device, dtype)

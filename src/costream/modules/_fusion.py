@@ -205,13 +205,33 @@ class Epilogue:
     output of another dtype than the norm's (CPU autocast).
     """
 
-    def __init__(self, bn: nn.Module | None, attr: str, rest: list[Callable]) -> None:
-        self.bn, self.attr, self.rest = bn, attr, rest
+    def __init__(self, conv: nn.Module, bn: nn.Module | None, attr: str,
+                 rest: list[Callable]) -> None:
+        self.conv, self.bn, self.attr, self.rest = conv, bn, attr, rest
         self.cache = DerivedCache(self._affine)
         self._eps = [None if bn is None else bn.eps]
+        self._kernel = DerivedCache(self._folded_kernel)
+        self._kernel_eps = [None if bn is None else bn.eps]
 
     def _affine(self) -> tuple[Tensor, Tensor]:
         return _bn_affine(self.bn)
+
+    def _folded_kernel(self) -> tuple[Tensor, Tensor]:
+        w, b = self.conv.weight, self.conv.bias
+        scale, shift = _bn_affine(self.bn)
+        w = w * scale.view(-1, *(1,) * (w.dim() - 1))
+        b = shift if b is None else shift + b * scale
+        return w.contiguous(), b.to(w.dtype)
+
+    def kernel_cache(self, conv: nn.Module) -> tuple[DerivedCache, tuple]:
+        """For a conv whose step computes complete outputs (a buffered 3D conv): the cache of
+        its kernel and bias with this norm folded in, and the tensors they derive from (the
+        activation then runs as oneDNN's post-op :attr:`attr`)."""
+        params = conv._parameters
+        if self.bn is None:
+            return conv._buffer_cache, (params["weight"], params["bias"])
+        return self._kernel, (params["weight"], params["bias"],
+                              *_bn_sources(self.bn, self._kernel, self._kernel_eps))
 
     def __call__(self, y: Tensor) -> Tensor:
         bn = self.bn
@@ -236,7 +256,7 @@ class EpilogueConvStep(_FusedStep):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.epilogue = Epilogue(self.bn, self.attr, self.rest)
+        self.epilogue = Epilogue(self.conv, self.bn, self.attr, self.rest)
 
     def __call__(self, x: Any, state: Any, age: Any, phase: int):
         if not _ENABLED[0] or not _folds(self.bn):

@@ -27,7 +27,8 @@ ONEDNN_LINEAR = (getattr(_mkldnn_ops, "_linear_pointwise", None)
 ONEDNN_CONV = (getattr(_mkldnn_ops, "_convolution_pointwise", None)
                if torch.backends.mkldnn.is_available() else None)
 _REORDER_CONV2D = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
-if _REORDER_CONV2D is None:
+_REORDER_CONV3D = getattr(torch._C._nn, "mkldnn_reorder_conv3d_weight", None)
+if _REORDER_CONV2D is None or _REORDER_CONV3D is None:
     ONEDNN_CONV = None
 
 if ONEDNN_LINEAR is not None:
@@ -125,7 +126,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, attr: str = "none") -
 
 
 class PackedConvKernels:
-    """2D convolution kernels in oneDNN's blocked layout, packed once per kernel.
+    """2D and 3D convolution kernels in oneDNN's blocked layout, packed once per kernel.
 
     Handed a plain kernel, oneDNN re-lays it out at every call: for the per-frame convolutions
     of a continual 3D CNN (a few hundred kB of kernel against a small frame) that costs 10-25 %
@@ -143,18 +144,23 @@ class PackedConvKernels:
     _LIMIT = 8  # kernels per layer: one, or one per phase of a temporally strided conv
 
     def __init__(self) -> None:
-        self.packs: dict[object, tuple[Tensor, Tensor]] = {}
+        self.packs: dict[object, tuple[Tensor, int, Tensor]] = {}
 
     def get(self, slot: object, weight: Tensor, shape: torch.Size, padding, stride, dilation,
             groups: int) -> Tensor:
         hit = self.packs.get(slot)
-        if hit is not None and hit[0] is weight:
-            return hit[1]
+        # the same tensor, unchanged (a derived kernel may be the weight itself, changed in
+        # place since it was packed; kernels derived under inference mode are fresh tensors
+        # each time, and have no version counter)
+        version = 0 if weight.is_inference() else weight._version
+        if hit is not None and hit[0] is weight and hit[1] == version:
+            return hit[2]
         if hit is None and len(self.packs) >= self._LIMIT:
             self.packs.clear()
-        packed = _REORDER_CONV2D(weight.to_mkldnn(), list(padding), list(stride), list(dilation),
-                                 groups, list(shape))
-        self.packs[slot] = (weight, packed)
+        reorder = _REORDER_CONV3D if weight.dim() == 5 else _REORDER_CONV2D
+        packed = reorder(weight.to_mkldnn(), list(padding), list(stride), list(dilation), groups,
+                         list(shape))
+        self.packs[slot] = (weight, version, packed)
         return packed
 
     def __getstate__(self) -> dict:
@@ -165,11 +171,16 @@ class PackedConvKernels:
 
 
 def onednn_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding, stride, dilation,
-                  groups: int, packs: PackedConvKernels | None, slot: object = None) -> Tensor:
-    """A float32 CPU 2D convolution through oneDNN, with ``weight`` packed by ``packs`` (in
-    ``slot``) where the packed kernel op exists, else with the plain kernel."""
+                  groups: int, packs: PackedConvKernels | None, slot: object = None,
+                  attr: str = "none") -> Tensor:
+    """A float32 CPU 2D (or, for 5D ``x``, 3D) convolution through oneDNN, with ``weight``
+    packed by ``packs`` (in ``slot``) where the packed kernel op exists, else with the plain
+    kernel; then the post-op ``attr`` (a key of :data:`POST_OPS`)."""
     if ONEDNN_CONV is None or packs is None:
-        return torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+        y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+        if attr != "none":
+            POST_OPS[attr](y)
+        return y
     packed = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
     return ONEDNN_CONV(x, packed, bias, list(padding), list(stride), list(dilation), groups,
-                       "none", [], "")
+                       attr, [], "")

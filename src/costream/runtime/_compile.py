@@ -24,7 +24,8 @@ def _stride_step(module: CoModule) -> Callable[[Any, dict], tuple[Any, dict]]:
     ``torch.compile`` guards on input strides (size-1 dimensions included), so the second call
     would recompile the whole step. Leaves written in the row-major layout of
     ``torch.zeros`` keep every call on the first graph; inside the graph the copy fuses with
-    the computation that writes the leaf.
+    the computation that writes the leaf. :class:`CompiledStep` hands the graph its state in
+    that layout too (a fresh state's channels-last frames are copied once, at the first call).
     """
 
     def step(x: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -40,6 +41,11 @@ def _stride_step(module: CoModule) -> Callable[[Any, dict], tuple[Any, dict]]:
 
 def _row_major(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
+
+
+def _as_row_major(t: Any) -> Any:
+    """``t`` in the row-major layout (a copy only where it is not)."""
+    return t.contiguous() if isinstance(t, Tensor) and not t.is_contiguous() else t
 
 
 #: Why :func:`compile_step` steps eagerly on a CPU unless forced (measured, see the docs).
@@ -67,6 +73,7 @@ class CompiledStep:
         from ._backends import _check_frames
 
         _check_frames(self.backend, x, state, self._stride)
+        state = {**state, "tree": tree_map(_as_row_major, state["tree"])}
         if self._rnn:
             with torch._dynamo.config.patch(allow_rnn=True):
                 return self.fn(x, state)
