@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -314,3 +315,16 @@ def test_epilogue_under_cpu_autocast_equals_the_unfused_step() -> None:
         if a is not None:
             assert a.dtype == b.dtype
             torch.testing.assert_close(a, b)
+
+
+def test_a_copy_made_under_inference_mode_resumes_a_fused_stream_bit_identically() -> None:
+    """Under inference mode the contract's fresh copy has inference-tensor parameters, whose
+    kernels are never packed: the unpacked kernel must run the same oneDNN op (the SiLU
+    post-op included) to resume the saved stream bit for bit."""
+    torch.manual_seed(4)
+    ref = nn.Sequential(nn.Conv3d(3, 4, 3, padding="same"), _bn(nn.BatchNorm3d, 4),
+                        nn.SiLU()).eval()
+    net = cs.continual(ref)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the copy's kernels are derived at every step
+        assert_streaming_equivalent(net, torch.randn(2, 3, 7, 6, 5), ref)

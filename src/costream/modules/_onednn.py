@@ -174,13 +174,16 @@ def onednn_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding, strid
                   groups: int, packs: PackedConvKernels | None, slot: object = None,
                   attr: str = "none") -> Tensor:
     """A float32 CPU 2D (or, for 5D ``x``, 3D) convolution through oneDNN, with ``weight``
-    packed by ``packs`` (in ``slot``) where the packed kernel op exists, else with the plain
-    kernel; then the post-op ``attr`` (a key of :data:`POST_OPS`)."""
-    if ONEDNN_CONV is None or packs is None:
+    packed by ``packs`` (in ``slot``) if given, then the post-op ``attr`` (a key of
+    :data:`POST_OPS`)."""
+    if ONEDNN_CONV is None:
         y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
         if attr != "none":
             POST_OPS[attr](y)
         return y
-    packed = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
-    return ONEDNN_CONV(x, packed, bias, list(padding), list(stride), list(dilation), groups,
+    # the same op with the plain kernel (re-laid out by oneDNN at each call) computes the same
+    # bits: a module whose kernels are not packed steps exactly like one whose kernels are
+    if packs is not None:
+        weight = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
+    return ONEDNN_CONV(x, weight, bias, list(padding), list(stride), list(dilation), groups,
                        attr, [], "")
