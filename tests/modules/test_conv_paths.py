@@ -109,15 +109,24 @@ def test_products_obey_cpu_autocast_like_torch() -> None:
 
 
 # ---------------------------------------------------------------- 3D: oneDNN's packed kernels
-def _packed_calls(monkeypatch) -> list:
+class _Calls(list):
+    """Input shapes of oneDNN's conv calls; ``packed``: whether each got a packed kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed: list[bool] = []
+
+
+def _packed_calls(monkeypatch) -> _Calls:
     from costream.modules import _onednn
     if _onednn.ONEDNN_CONV is None:
         pytest.skip("this torch has no oneDNN convolution with packed kernels")
-    calls = []
+    calls = _Calls()
     real = _onednn.ONEDNN_CONV
 
     def spy(*args):
         calls.append(tuple(args[0].shape))
+        calls.packed.append(args[1].is_mkldnn)
         return real(*args)
 
     monkeypatch.setattr(_onednn, "ONEDNN_CONV", spy)
@@ -134,8 +143,8 @@ def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monk
     with torch.no_grad():
         ref = net(x)
     torch.testing.assert_close(_step_all(net, x), _due(ref, net), rtol=1e-4, atol=1e-5)
-    # each step convolves the layer's last 3 input frames at once
-    assert (1, 3, 3, 12, 12) in calls and (1, 16, 3, 12, 12) in calls
+    # each step convolves the layer's last 3 input frames at once, with the packed kernel
+    assert (1, 3, 3, 12, 12) in calls and (1, 16, 3, 12, 12) in calls and all(calls.packed)
     with torch.no_grad():  # a kernel packed from the old weights must not survive this
         net[2].weight.mul_(-0.5)
         net[0].bias.add_(1.0)
@@ -175,7 +184,8 @@ def test_3d_parameters_made_under_inference_mode_are_not_packed_every_step(monke
     with pytest.warns(UserWarning, match="inference mode"):
         got = _step_all(net, x)
     torch.testing.assert_close(got, _due(ref, net), rtol=1e-4, atol=1e-5)
-    assert not calls and not net[0]._packed.packs
+    # the same op with the plain kernel (bit-identical to a packed one), nothing packed
+    assert calls and not any(calls.packed) and not net[0]._packed.packs
 
 
 def test_macs_of_a_3d_step_with_packed_kernels_are_counted() -> None:
