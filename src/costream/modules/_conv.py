@@ -86,8 +86,8 @@ class _CoConvNd(CoModule):
         sp = self._spad
         symmetric = self._ndim == 3 and sp[0] == sp[1] and sp[2] == sp[3]
         # a 3D conv with temporal taps keeps its last input frames and convolves them with the
-        # whole kernel at each step (see _buffer_step); subclasses with their own step set it
-        # False
+        # whole kernel at each step (see _buffer_step); a subclass keeping other state
+        # overrides _init and _step for it (DepthwiseConv3d's filters and per-output sums)
         self._buffered = symmetric and self._span > 0 and self.padding_mode == "zeros"
         # steady-state steps of a stateless (1 x kh x kw) 3D conv straight into oneDNN
         self._lean_frames = (symmetric and _ONEDNN_PACKED and self.groups == 1 and k == 1
