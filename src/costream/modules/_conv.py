@@ -280,7 +280,7 @@ class _CoConvNd(CoModule):
     # of one output frame of the offline conv, as with partial sums. oneDNN runs this one 3D
     # convolution (its reduction over k * C_in * kh * kw) markedly faster than the per-frame
     # 2D convolution into k * C_out tap channels plus the partial-sum additions: 1.15-1.6x on
-    # one thread, 1.25-2.5x on two, 1.1-1.8x for 16 streams, on layers of the sweep
+    # one thread, 1.25-2.6x on two, 1.1-1.8x for 16 streams, on layers of the sweep
     # benchmark's 3D CNNs (torch 2.13, AVX-512 EPYC, A/B in one process); and its output is
     # complete, so a following batch norm folds into the kernel and the activation runs as
     # oneDNN's post-op.
