@@ -116,6 +116,10 @@ class GemmConv3d(cs.Conv3d):
         if self.kernel_size[1:] != (1, 1) or self.groups != 1 or any(self.padding[1:]):
             raise ValueError("GemmConv3d needs a 1x1 spatial kernel, groups=1 and no spatial "
                              "padding")
+        # its one-GEMM step with partial sums, not the buffered frames of Conv3d: on CoSlow's
+        # k x 1 x 1 layers the buffered 3D conv ran 0.64-1.17x as fast (A/B in one process,
+        # 1 and 2 threads, 1 and 8 streams), no steady gain
+        self._buffered = False
 
     def _step(self, x: Tensor, state: dict, age, phase: int, epilogue=None):
         if self._span or self.stride[0] != 1 or x.dim() != 4:
