@@ -206,10 +206,8 @@ class _CoConvNd(CoModule):
             x = x.contiguous(memory_format=torch.channels_last)
             if _ONEDNN and onednn_inference(x):
                 pad = (padding,) * 2 if isinstance(padding, int) else padding
-                # pack only kernels the cache holds (not ones recomputed at every step)
-                packs = self._packed if cache.value is not None else None
-                z = onednn_conv2d(x, w_all, b_all, pad, self.stride[1:], self.dilation[1:], g,
-                                  packs, id(cache))
+                z = self._onednn_conv(x, cache, w_all, b_all, pad, self.stride[1:],
+                                      self.dilation[1:], g)
                 return z.view(n, g, taps, -1, *z.shape[2:])
         z = conv(x, w_all, b_all, self.stride[1:], padding, self.dilation[1:], g)
         return z.view(n, g, taps, -1, *z.shape[2:])
@@ -267,9 +265,8 @@ class _CoConvNd(CoModule):
         cache = self._cache
         w, b = cache.get(*self._wb())
         x = x.contiguous(memory_format=torch.channels_last)
-        # pack only kernels the cache holds (not ones recomputed at every step)
-        y = onednn_conv2d(x, w, b, self._frame_pad, self.stride[1:], self.dilation[1:], 1,
-                          self._packed if cache.value is not None else None, id(cache))
+        y = self._onednn_conv(x, cache, w, b, self._frame_pad, self.stride[1:],
+                              self.dilation[1:], 1)
         if epilogue is not None:
             y = epilogue(y)
         return y, state, None, phase
@@ -284,6 +281,13 @@ class _CoConvNd(CoModule):
     # benchmark's 3D CNNs (torch 2.13, AVX-512 EPYC, A/B in one process); and its output is
     # complete, so a following batch norm folds into the kernel and the activation runs as
     # oneDNN's post-op.
+    def _onednn_conv(self, x: Tensor, cache: DerivedCache, w: Tensor, b: Tensor | None, pad,
+                     stride, dilation, groups: int, attr: str = "none") -> Tensor:
+        """oneDNN's convolution with ``cache``'s kernel ``w``, packed once where the cache holds
+        it (not for kernels recomputed at every step)."""
+        packs = self._packed if cache.value is not None else None
+        return onednn_conv2d(x, w, b, pad, stride, dilation, groups, packs, id(cache), attr)
+
     def _buffer_kernel(self) -> tuple[Tensor, Tensor | None]:
         w, b = self._wb()
         return w.contiguous(), b
@@ -295,9 +299,8 @@ class _CoConvNd(CoModule):
             x = x.contiguous(memory_format=torch.channels_last)
         frames = torch.cat((state["frames"], x.unsqueeze(2)), dim=2)
         new = {"frames": frames[:, :, 1:]}  # a view: the frames are this step's own copy
-        delay, st = self._span - self._tpad[0], self.stride[0]
-        if st != 1 and (phase - delay) % st:  # no output at this phase: only keep the frame
-            return None, new, None, 0
+        if not emits(phase, self._span - self._tpad[0], self.stride[0]):
+            return None, new, None, 0  # no output at this phase: only keep the frame
         return self._emit(self._buffer_conv(frames, epilogue), new, age, phase)
 
     def _buffer_steps(self, x: Tensor, state: dict, age: Age, phase: int):
@@ -329,10 +332,8 @@ class _CoConvNd(CoModule):
                 cache, sources = epilogue.kernel_cache(self)
                 attr = epilogue.attr
             w, b = cache.get(*sources)
-            # pack only kernels the cache holds (not ones recomputed at every step)
-            y = onednn_conv2d(frames, w, b, pad, stride, self.dilation, self.groups,
-                              self._packed if cache.value is not None else None, id(cache),
-                              attr)
+            y = self._onednn_conv(frames, cache, w, b, pad, stride, self.dilation, self.groups,
+                                  attr)
             return y.squeeze(2)
         w, b = self._wb()
         if b is None and torch.compiler.is_exporting():
@@ -424,7 +425,7 @@ class _CoConvNd(CoModule):
         """A step's return: ``y`` if the conv emits at ``phase``, with the output's age and
         phase (nothing while the outputs still depend on padding only)."""
         delay, t = self._span - self._tpad[0], self.stride[0]
-        if t != 1 and (phase - delay) % t:
+        if not emits(phase, delay, t):
             return None, state, None, 0
         if age is None:
             return y, state, None, (phase - delay) // t
@@ -467,11 +468,7 @@ class _CoConvNd(CoModule):
         out_age, out_phase = advance(None if age is None else age + first, phase + first, delay, st)
         y = buf[:, :, first: first + (n - 1) * st + 1: st].transpose(2, 3)
         y = y.reshape(b, self.out_channels, n, *sp)
-        if isinstance(out_age, int) and out_age < 0:
-            y = y[:, :, -out_age:]
-            if y.shape[2] == 0:
-                return None, state, None, 0
-            out_age = out_phase = 0
+        y, out_age, out_phase = crop_warm_up(y, out_age, out_phase)
         return y, state, out_age, out_phase
 
     def _flush(self, state: dict, age: Age, phase: int):
