@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import costream as cs
+from costream.modules._cache import DerivedCache
 
 
 def _stream(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -58,3 +59,24 @@ def test_a_copy_made_under_inference_mode_steps_with_a_warning() -> None:
             ys = [copy_.forward_step(x) for _ in range(3)]
     clip = x.unsqueeze(2).expand(-1, -1, 3)
     torch.testing.assert_close(ys[-1], conv(clip)[:, :, 0])
+
+
+def test_a_changed_float_source_derives_again() -> None:
+    """Non-tensor sources (a batch norm's ``eps``) count as changed when their value does."""
+    calls = []
+    w = torch.ones(3)
+
+    def derive():
+        calls.append(1)
+        return (w * 2,)
+
+    cache = DerivedCache(derive)
+    with torch.no_grad():
+        cache.get(w, 1e-5)
+        cache.get(w, 1e-5)
+        assert len(calls) == 1
+        cache.get(w, 0.5)
+        assert len(calls) == 2
+        cache.get(w, None)
+        cache.get(w, None)
+        assert len(calls) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,12 +16,15 @@ _INFERENCE_SOURCES = (
 )
 
 
-def _key(sources: tuple[Tensor | None, ...]) -> tuple:
-    return tuple((s.data_ptr(), s._version) if s is not None else None for s in sources)
+def _key(sources: tuple) -> tuple:
+    return tuple((s.data_ptr(), s._version) if isinstance(s, Tensor) else s for s in sources)
 
 
 class DerivedCache:
     """Recompute ``fn()`` only when one of the source tensors changed (in place or replaced).
+
+    Sources other than tensors (``None``, a float such as a batch norm's ``eps``) count as
+    changed when their value differs.
 
     The cache is bypassed while autograd records (so gradients reach the parameters) and while
     ``torch.compile`` / ``torch.export`` trace (the derivation becomes part of the graph).
@@ -31,28 +35,31 @@ class DerivedCache:
     def __init__(self, fn: Callable[[], tuple[Tensor | None, ...]]) -> None:
         self.fn = fn
         self.key: tuple | None = None
-        self.sources: tuple[Tensor | None, ...] = ()
+        self.sources: tuple = ()
         self.value: tuple[Tensor | None, ...] | None = None
 
-    def get(self, *sources: Tensor | None) -> tuple[Tensor | None, ...]:
+    def get(self, *sources: Any) -> tuple[Tensor | None, ...]:
         if torch.compiler.is_compiling():
             return self.fn()
-        if torch.is_grad_enabled() and any(s is not None and s.requires_grad for s in sources):
+        if torch.is_grad_enabled() and any(isinstance(s, Tensor) and s.requires_grad
+                                           for s in sources):
             return self.fn()
         # fast path (the steady state): the same tensors, unchanged since the last call
         key, old = self.key, self.sources
         if key is not None and len(sources) == len(old):
             try:
                 for s, o, k in zip(sources, old, key):
-                    if s is not o or (s is not None and (s._version != k[1]
-                                                         or s.data_ptr() != k[0])):
+                    if isinstance(s, Tensor):
+                        if s is not o or s._version != k[1] or s.data_ptr() != k[0]:
+                            break
+                    elif s != k:
                         break
                 else:
                     return self.value
             except RuntimeError:  # an inference tensor (no version counter) among the sources
                 pass
         value = self.fn()
-        if any(s is not None and s.is_inference() for s in sources):
+        if any(isinstance(s, Tensor) and s.is_inference() for s in sources):
             # created under torch.inference_mode: no version counter tells in-place changes
             warnings.warn(_INFERENCE_SOURCES, stacklevel=4)
             self.invalidate()

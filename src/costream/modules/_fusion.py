@@ -123,13 +123,9 @@ def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
-def _bn_sources(bn: nn.Module, cache: DerivedCache, eps: list) -> tuple:
-    """The tensors a batch norm's folded form derives from; a changed ``eps`` (a float, which
-    no version counter tracks) empties ``cache`` (compiled graphs derive it anew anyway)."""
-    if not torch.compiler.is_compiling() and bn.eps != eps[0]:
-        cache.invalidate()
-        eps[0] = bn.eps
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+def _bn_sources(bn: nn.Module) -> tuple:
+    """What a batch norm's folded form derives from: its tensors and ``eps``."""
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps
 
 
 def _folds(bn: nn.Module | None) -> bool:
@@ -163,7 +159,6 @@ class PointwiseConvStep(_FusedStep):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.cache = DerivedCache(self._fold)
-        self._eps = [None if self.bn is None else self.bn.eps]
 
     def _fold(self) -> tuple[Tensor, Tensor | None]:
         conv, bn = self.conv, self.bn
@@ -186,8 +181,7 @@ class PointwiseConvStep(_FusedStep):
         if bn is None:
             w, b = self.cache.get(conv.weight, conv.bias)
         else:
-            w, b = self.cache.get(conv.weight, conv.bias,
-                                  *_bn_sources(bn, self.cache, self._eps))
+            w, b = self.cache.get(conv.weight, conv.bias, *_bn_sources(bn))
         strides = conv.stride[1:]
         if any(s != 1 for s in strides):
             x = x[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
@@ -209,9 +203,7 @@ class Epilogue:
                  rest: list[Callable]) -> None:
         self.conv, self.bn, self.attr, self.rest = conv, bn, attr, rest
         self.cache = DerivedCache(self._affine)
-        self._eps = [None if bn is None else bn.eps]
         self._kernel = DerivedCache(self._folded_kernel)
-        self._kernel_eps = [None if bn is None else bn.eps]
 
     def _affine(self) -> tuple[Tensor, Tensor]:
         return _bn_affine(self.bn)
@@ -230,14 +222,13 @@ class Epilogue:
         params = conv._parameters
         if self.bn is None:
             return conv._buffer_cache, (params["weight"], params["bias"])
-        return self._kernel, (params["weight"], params["bias"],
-                              *_bn_sources(self.bn, self._kernel, self._kernel_eps))
+        return self._kernel, (params["weight"], params["bias"], *_bn_sources(self.bn))
 
     def __call__(self, y: Tensor) -> Tensor:
         bn = self.bn
         if bn is None:
             return _OUT_OF_PLACE[self.attr](y)
-        scale, shift = self.cache.get(*_bn_sources(bn, self.cache, self._eps))
+        scale, shift = self.cache.get(*_bn_sources(bn))
         if y.dtype != scale.dtype:
             if y.dim() == 4 and y.device.type == "cpu":
                 y = y.contiguous(memory_format=torch.channels_last)
