@@ -22,7 +22,7 @@ from ._cache import DerivedCache
 from ._onednn import (
     ONEDNN_CONV,
     PackedConvKernels,
-    onednn_conv2d,
+    onednn_conv,
     onednn_inference,
     onednn_linear,
     onednn_usable,
@@ -286,7 +286,7 @@ class _CoConvNd(CoModule):
         """oneDNN's convolution with ``cache``'s kernel ``w``, packed once where the cache holds
         it (not for kernels recomputed at every step)."""
         packs = self._packed if cache.value is not None else None
-        return onednn_conv2d(x, w, b, pad, stride, dilation, groups, packs, id(cache), attr)
+        return onednn_conv(x, w, b, pad, stride, dilation, groups, packs, id(cache), attr)
 
     def _buffer_kernel(self) -> tuple[Tensor, Tensor | None]:
         w, b = self._wb()

@@ -7,7 +7,7 @@ the measured crossover, :func:`onednn_linear` the call.
 
 A per-frame 2D convolution handed a plain kernel makes oneDNN re-lay the kernel out into its
 blocked format at every call; :class:`PackedConvKernels` keeps the blocked kernel and
-:func:`onednn_conv2d` convolves with it. Compiled and exported graphs, autograd, other dtypes
+:func:`onednn_conv` convolves with it. Compiled and exported graphs, autograd, other dtypes
 and devices never take these paths.
 """
 
@@ -170,7 +170,7 @@ class PackedConvKernels:
         self.packs = {}
 
 
-def onednn_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, padding, stride, dilation,
+def onednn_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding, stride, dilation,
                   groups: int, packs: PackedConvKernels | None, slot: object = None,
                   attr: str = "none") -> Tensor:
     """A float32 CPU 2D (or, for 5D ``x``, 3D) convolution through oneDNN, with ``weight``
