@@ -81,10 +81,13 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [
         "", "## Per workload", "",
-        "Latency: median µs per step, implementations interleaved in blocks (order rotating). "
+        "Latency: median µs per step, each sample the mean of two consecutive steps (a "
+        "paired conv's steps alternate between k frame convolutions and one), implementations "
+        "interleaved in blocks (order rotating). "
         "costream = eager `forward_step`; " + ", ".join(backends) + " = costream's exported "
         "step (`make_step`). MACs: per costream step (in brackets: the anchor's per step, "
-        "relative). GMAC/s: MACs per step / costream's eager step. Floor: "
+        "relative; both the mean of two steps). GMAC/s: MACs per step / costream's eager "
+        "step. Floor: "
         "max(MACs / peak GEMM rate, bytes / bandwidth) (bytes: parameters once, state read "
         "and written, frame, output); floor % = floor / fastest costream step. Per layer: "
         "(fastest step - floor) / conv, linear and attention layers: the fixed cost per "

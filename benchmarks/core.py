@@ -349,8 +349,9 @@ def measure_static(w: Workload, built: dict[str, Any]) -> dict[str, Any]:
     model, clip, co_net, anchor = built["model"], built["clip"], built["costream"], built["anchor"]
     frame = clip[:, :, 0].contiguous()
     theo = theoretical_step_macs(model, clip)
-    co_macs = step_macs(co_net, frame)
-    an_macs = step_macs(anchor, frame)
+    # per step, over two steps (paired convs split their work unevenly between them)
+    co_macs = step_macs(co_net, frame, steps=2) / 2
+    an_macs = step_macs(anchor, frame, steps=2) / 2
     with torch.inference_mode():
         win_macs = count_macs(model, clip)
         reset(co_net)
@@ -365,7 +366,7 @@ def measure_static(w: Workload, built: dict[str, Any]) -> dict[str, Any]:
     return {
         "macs_per_step": {"theoretical": theo, "costream": co_macs, "anchor": an_macs,
                           "window": win_macs},
-        "costream_macs_equal_theoretical": co_macs == theo,
+        "costream_macs_at_most_theoretical": co_macs <= theo,
         "state_bytes": {"costream": co_state, "anchor": an_state},
         "delay": delay_of(co_net),
     }
@@ -469,10 +470,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "MACs per step (multiply-accumulates of convolutions and matrix multiplications, "
         "`torch.utils.flop_counter` FLOPs / 2; element-wise work not included). Theoretical: "
-        "one output frame of every layer of the offline model. Window: the whole model on "
+        "one output frame of every layer of the offline model. costream and anchor: the mean "
+        "of two consecutive steps (paired convs do a pair's work in k + 1 frame convolutions "
+        "instead of 2k, unevenly between its steps). Window: the whole model on "
         "the window clip. State: bytes of the stream state after a full window of steps.",
         "",
-        "| workload | delay | theoretical | costream | anchor | window | costream = theoretical "
+        "| workload | delay | theoretical | costream | anchor | window | costream <= theoretical "
         "| costream state | anchor state |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -481,7 +484,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {s['delay']} | {_macs(mac['theoretical'])} | {_macs(mac['costream'])} | "
             f"{_macs(mac['anchor'])} ({mac['anchor'] / mac['theoretical']:.2f}x) | "
-            f"{_macs(mac['window'])} | {'yes' if s['costream_macs_equal_theoretical'] else 'NO'}"
+            f"{_macs(mac['window'])} | {'yes' if s['costream_macs_at_most_theoretical'] else 'NO'}"
             f" | {_bytes(s['state_bytes']['costream'])} | {_bytes(s['state_bytes']['anchor'])} |"
         )
     lines += ["", "Workloads:", ""]

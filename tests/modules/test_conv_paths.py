@@ -133,7 +133,15 @@ def _packed_calls(monkeypatch) -> _Calls:
     return calls
 
 
-def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(monkeypatch) -> None:
+@pytest.fixture
+def direct_steps(monkeypatch):
+    """Paired convs take their direct step (the buffered conv of all kept frames)."""
+    from costream.modules import _conv
+    monkeypatch.setattr(_conv, "_PAIRS", [False])
+
+
+def test_3d_steps_with_packed_kernels_follow_weight_changes_and_new_batches(
+        monkeypatch, direct_steps) -> None:
     calls = _packed_calls(monkeypatch)
     torch.manual_seed(0)
     net = cs.continual(nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.ReLU(),
@@ -235,4 +243,8 @@ def test_buffered_3d_steps_in_float32_inference_equal_the_offline_conv(geometry)
         assert_streaming_equivalent(co, x, src)
         state = co.init_state(2, (4, 9, 8))
     span = (co.kernel_size[0] - 1) * co.dilation[0]
-    assert state["tree"]["frames"].shape == (2, 4, span, 9, 8)  # the last input frames
+    frames = state["tree"]["frames"]  # the last input frames
+    if co._paired:  # kept one by one
+        assert [f.shape for f in frames] == [(2, 4, 9, 8)] * span
+    else:
+        assert frames.shape == (2, 4, span, 9, 8)

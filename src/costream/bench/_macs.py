@@ -56,7 +56,10 @@ def step_macs(module: nn.Module, frame: Tensor | tuple[Tensor, ...], steps: int 
     layer is past its warm-up, and then the next ``steps`` steps are counted. The stream is
     restarted again afterwards. Works for costream modules (``reset_state``) and for modules
     of ``continual-inference`` (``clean_state``). With a temporal stride ``s`` in the network,
-    pass ``steps=s`` to count one whole period.
+    pass ``steps=s`` to count one whole period. Paired temporal convs (``Conv3d`` with 3-5
+    taps, stride and dilation 1 in time) split their work unevenly between a pair's two
+    steps: count an even number of steps (``steps=2``, or a multiple of ``2 * s``) for the
+    MACs per step on average.
 
     Example:
         >>> import torch, costream

@@ -228,8 +228,9 @@ class CoModule(nn.Module):
             >>> import torch, costream as cs
             >>> conv = cs.Conv3d(3, 8, kernel_size=3, padding=1)
             >>> state = conv.init_state(2, (3, 16, 16))
-            >>> state["tree"]["frames"].shape[2]  # the last k - 1 frames it convolves with the next
-            2
+            >>> frames = state["tree"]["frames"]  # the last k - 1 input frames, one by one
+            >>> len(frames), tuple(frames[0].shape)
+            (2, (2, 3, 16, 16))
         """
         dev, dt = self._default_device_dtype(device, dtype)
         if frame_shape is None:

@@ -6,6 +6,8 @@ MACs executed per step equal those of one output frame of the offline convolutio
 with temporal taps and zero padding instead keeps its last ``(k - 1) * dilation`` input frames
 and convolves them with the new one, the whole kernel at once (:meth:`_CoConvNd._buffer_step`):
 the same MACs, in one 3D convolution that oneDNN runs faster than the 2D one plus the sums.
+With 3-5 taps and stride and dilation 1 in time it steps in pairs (:mod:`._pairs`): two
+outputs from ``k + 1`` frame convolutions instead of ``2 k`` (:meth:`_CoConvNd._pair_step`).
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache
 from ._onednn import (
     ONEDNN_CONV,
+    POST_OPS,
     PackedConvKernels,
     onednn_conv,
+    onednn_conv_add,
     onednn_inference,
     onednn_linear,
     onednn_usable,
     prefers_onednn,
 )
+from ._pairs import PAIRED_KERNELS, Scratch, combine, pair_transforms, pairs_pay
 
 if TYPE_CHECKING:
     from ._fusion import Epilogue
@@ -35,6 +40,12 @@ if TYPE_CHECKING:
 _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
 _ONEDNN_PACKED = _ONEDNN and ONEDNN_CONV is not None
+_PAIRS = [True]  # paired steps on (switched off only to measure them against the direct step)
+
+
+def _stack_frames(frames) -> Tensor:
+    """Frames ``(B, C, H, W)`` stacked on a new time dim 2 (channels-last on the CPU)."""
+    return torch.stack(frames, 2)
 
 
 class _CoConvNd(CoModule):
@@ -89,15 +100,21 @@ class _CoConvNd(CoModule):
         # whole kernel at each step (see _buffer_step); a subclass keeping other state
         # overrides _init and _step for it (DepthwiseConv3d's filters and per-output sums)
         self._buffered = symmetric and self._span > 0 and self.padding_mode == "zeros"
+        # ... and with stride and dilation 1 in time, steps in pairs: k + 1 frame convolutions
+        # per two outputs instead of 2k (see _pairs and _pair_step)
+        self._paired = self._buffered and d == 1 and self.stride[0] == 1 and k in PAIRED_KERNELS
         # steady-state steps of a stateless (1 x kh x kw) 3D conv straight into oneDNN
         self._lean_frames = (symmetric and _ONEDNN_PACKED and self.groups == 1 and k == 1
                              and self.stride[0] == 1 and self.padding_mode == "zeros")
         self._frame_pad = (sp[2], sp[0]) if self._ndim == 3 else None
         self._buffer_cache = DerivedCache(self._buffer_kernel)
+        self._pair_cache = DerivedCache(self._pair_kernel)
+        self._last_cache = DerivedCache(self._last_kernel)
         self._taps: dict[int, tuple] = {}
         self._cache = DerivedCache(self._frame_kernel)
         self._linear_cache = DerivedCache(self._linear_kernel)  # oneDNN's (rows, C_in) layout
         self._packed = PackedConvKernels() if self._ndim == 3 else None  # oneDNN's blocked one
+        self._scratch = Scratch()
 
     def _wb(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias (direct lookups: nn.Module.__getattr__ is slow per step)."""
@@ -294,9 +311,14 @@ class _CoConvNd(CoModule):
 
     def _buffer_step(self, x: Tensor, state: dict, age: Age, phase: int,
                      epilogue: Epilogue | None):
+        given = x
         x = self._zero_fillers(x, age)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._paired:
+            # the state keeps its own copy of the frame: the caller may refill its tensor
+            return self._pair_step(x, x.clone() if x is given else x, state, age, phase,
+                                   epilogue)
         frames = torch.cat((state["frames"], x.unsqueeze(2)), dim=2)
         new = {"frames": frames[:, :, 1:]}  # a view: the frames are this step's own copy
         if not emits(phase, self._span - self._tpad[0], self.stride[0]):
@@ -307,8 +329,14 @@ class _CoConvNd(CoModule):
         """A chunk ``x`` ``(B, C_in, T, H, W)`` in one convolution over the kept frames and the
         chunk, with the conv's temporal stride (streams of one age: no filler frames)."""
         t = x.shape[2]
-        frames = torch.cat((state["frames"], x), dim=2)
+        kept = state["frames"]
+        if self._paired:  # frames kept one by one; the chunk's last output leaves no pair open
+            kept = _stack_frames(kept)
+        frames = torch.cat((kept, x), dim=2)
         new = {"frames": frames[:, :, t:]}
+        if self._paired:
+            new = {"frames": new["frames"].unbind(2), "carry": state["carry"],
+                   "due": torch.zeros_like(state["due"])}
         span, st = self._span, self.stride[0]
         first, n = chunk_emissions(t, phase, span - self._tpad[0], st)
         if n == 0:
@@ -341,6 +369,124 @@ class _CoConvNd(CoModule):
             b = w.new_zeros(w.shape[0])
         y = F.conv3d(frames, w, b, stride, pad, self.dilation, self.groups).squeeze(2)
         return y if epilogue is None else epilogue(y)
+
+    # ------------------------------------------------------------------ paired 3D steps
+    # With stride and dilation 1 in time, a buffered conv steps in pairs (Toom-Cook F(2, k) in
+    # time, see _pairs): a step that opens a pair convolves k combinations of its k frames,
+    # each with a combination of the taps (one grouped convolution), and emits their sum; it
+    # keeps the part of the next output they already hold (state "carry", "due" = 1). The
+    # next step closes the pair with one convolution of a combination of frames with the last
+    # tap, added to the carry. On average (k + 1) / 2 frame convolutions per step instead of
+    # k, never more than k. Streams of one batch whose pairs disagree (a stream joining an
+    # engine's block), chunks, and compiled or exported steps take the direct step, which
+    # leaves no pair open (due = 0).
+    def _pair_kernel(self) -> tuple[Tensor, Tensor | None]:
+        """The k product kernels of a pair's first step, stacked for one grouped conv, and
+        the bias on the first product's channels only (its plain sum is the output)."""
+        w, b = self._wb()
+        k = self._k
+        taps = w.to(torch.float64).unbind(2)
+        # sums of scaled taps (no matrix product, which a step's MAC count would include when
+        # it derives the kernels)
+        u = torch.cat([sum(c * t for c, t in zip(row, taps) if c) for row in
+                       pair_transforms(k).kernels]).to(w.dtype)
+        if b is not None:
+            b = torch.cat((b, b.new_zeros((k - 1) * b.shape[0])))
+        return u.contiguous(), b
+
+    def _last_kernel(self) -> tuple[Tensor, Tensor | None]:
+        w, b = self._wb()
+        return w.select(2, self._k - 1).contiguous(), b
+
+    def _pair_step(self, x: Tensor, keep: Tensor, state: dict, age: Age, phase: int,
+                   epilogue: Epilogue | None):
+        """The step of a paired conv on frame ``x`` (``keep``: the copy the state keeps). Its
+        state keeps the last ``k - 1`` frames one by one: the transforms read them one by one,
+        and a step copies no frame but the new one."""
+        kept, carry, due = state["frames"], state["carry"], state["due"]
+        parts = [*kept, x]  # the step's k frames: a pair's first k, or its last k
+        new = {"frames": (*kept[1:], keep)}
+        if not self._pairs_now(x, age):
+            open_pairs = -1
+        else:
+            n = due.shape[0]
+            open_pairs = int(due.sum()) if n != 1 else int(due.item())
+            if open_pairs not in (0, n):
+                open_pairs = -1  # streams out of step: a direct step brings them in step
+        if open_pairs < 0:
+            y = self._buffer_conv(_stack_frames(parts), epilogue)
+            new["carry"], new["due"] = carry, torch.zeros_like(due)
+        elif open_pairs:
+            y = self._close_pair(parts, carry, epilogue)
+            new["carry"], new["due"] = carry, torch.zeros_like(due)
+        else:
+            y, new["carry"] = self._open_pair(parts, epilogue)
+            new["due"] = torch.ones_like(due)
+        return self._emit(y, new, age, phase)
+
+    def _pairs_now(self, x: Tensor, age: Age) -> bool:
+        """Whether this step may open or close a pair: eager steps of streams of one age, and
+        on float32 CPU inference where pairs pay (:func:`pairs_pay`)."""
+        if (isinstance(age, Tensor) or not _PAIRS[0] or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting()):
+            return False
+        if not (_ONEDNN_PACKED and onednn_inference(x)):
+            return True
+        g = self.groups
+        return pairs_pay(self._k, self.in_channels // g, self.out_channels // g,
+                         torch.get_num_threads())
+
+    def _pair_args(self, epilogue: Epilogue | None, x: Tensor):
+        fast = _ONEDNN_PACKED and onednn_inference(x)
+        post = epilogue is not None and epilogue.bn is None and epilogue.attr in POST_OPS
+        return fast, post, self._frame_pad, self.stride[1:], self.dilation[1:]
+
+    def _close_pair(self, parts: list[Tensor], carry: Tensor,
+                    epilogue: Epilogue | None) -> Tensor:
+        """The pair's second output: the carry plus the last product."""
+        fast, post, pad, stride, dil = self._pair_args(epilogue, parts[0])
+        cache = self._last_cache
+        w, b = cache.get(*self._wb())
+        v = combine(pair_transforms(self._k).last, parts)
+        if fast:
+            packs = self._packed if cache.value is not None else None
+            y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, packs, id(cache),
+                                epilogue.attr if post else "none")
+        else:
+            y = F.conv2d(v, w, b, stride, pad, dil, self.groups).add_(carry)
+            if post:
+                POST_OPS[epilogue.attr](y)
+        return epilogue(y) if epilogue is not None and not post else y
+
+    def _open_pair(self, parts: list[Tensor],
+                   epilogue: Epilogue | None) -> tuple[Tensor, Tensor]:
+        """The pair's first output and the carry: the k products as one grouped conv of the
+        k frame combinations."""
+        fast, post, pad, stride, dil = self._pair_args(epilogue, parts[0])
+        k, tr, x = self._k, pair_transforms(self._k), parts[0]
+        c_in, c_out = x.shape[1], self.out_channels
+        # written and read within this step only: kept from step to step (no fresh memory)
+        buf = self._scratch.get((x.shape[0], k * c_in, *x.shape[2:]), x.dtype, x.device,
+                                torch.channels_last if x.device.type == "cpu" else
+                                torch.contiguous_format)
+        for i, terms in enumerate(tr.inputs):
+            combine(terms, parts, buf.narrow(1, i * c_in, c_in))
+        cache = self._pair_cache
+        w, b = cache.get(*self._wb())
+        if fast:
+            m = self._onednn_conv(buf, cache, w, b, pad, stride, dil, k * self.groups)
+        else:
+            m = F.conv2d(buf, w, b, stride, pad, dil, k * self.groups)
+        if m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous():
+            y = m.permute(0, 2, 3, 1).unflatten(3, (k, c_out)).sum(3).permute(0, 3, 1, 2)
+        else:
+            y = m.unflatten(1, (k, c_out)).sum(1)
+        carry = combine(tr.carry, [m.narrow(1, i * c_out, c_out) for i in range(k)])
+        if post:
+            POST_OPS[epilogue.attr](y)  # in place: the sum's own output
+        elif epilogue is not None:
+            y = epilogue(y)
+        return y, carry
 
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int,
                         epilogue: Epilogue | None = None):
@@ -376,7 +522,17 @@ class _CoConvNd(CoModule):
                                  dtype=dtype)
             if frames.device.type == "cpu":
                 frames = frames.contiguous(memory_format=torch.channels_last_3d)
-            return {"frames": frames}, (self.out_channels, *spatial)
+            state = {"frames": frames}
+            if self._paired:
+                state["frames"] = tuple(frames.select(2, j).clone(
+                    memory_format=torch.preserve_format) for j in range(self._span))
+                carry = torch.zeros(batch, self.out_channels, *spatial, device=device,
+                                    dtype=dtype)
+                if carry.device.type == "cpu":
+                    carry = carry.contiguous(memory_format=torch.channels_last)
+                state["carry"] = carry
+                state["due"] = torch.zeros(batch, device=device, dtype=dtype)
+            return state, (self.out_channels, *spatial)
         g = self.groups
         state = {"psum": torch.zeros(batch, g, self._span, self.out_channels // g, *spatial,
                                      device=device, dtype=dtype) if self._span else None}
@@ -476,8 +632,8 @@ class _CoConvNd(CoModule):
         if pad <= 0:
             return None, state, None, 0
         if self._buffered:
-            frames = state["frames"]
-            zeros = frames.new_zeros(*frames.shape[:2], pad, *frames.shape[3:])
+            last = state["frames"][-1] if self._paired else state["frames"].select(2, -1)
+            zeros = last.new_zeros(*last.shape[:2], pad, *last.shape[2:])
             return self._steps(zeros, state, age, phase)
         if self.padding_mode == "replicate":
             last = state["last"]

@@ -30,6 +30,8 @@ _REORDER_CONV2D = getattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", None)
 _REORDER_CONV3D = getattr(torch._C._nn, "mkldnn_reorder_conv3d_weight", None)
 if _REORDER_CONV2D is None or _REORDER_CONV3D is None:
     ONEDNN_CONV = None
+#: oneDNN's convolution with an addend (the sum written by the convolution)
+ONEDNN_CONV_ADD = None if ONEDNN_CONV is None else getattr(ONEDNN_CONV, "binary", None)
 
 if ONEDNN_LINEAR is not None:
 
@@ -48,7 +50,10 @@ if _ONEDNN_CONVS and torch.backends.mkldnn.is_available():
     @register_flop_formula(_ONEDNN_CONVS)
     def _onednn_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
         """FLOPs of the oneDNN convolutions a per-frame step calls, with a plain or a packed
-        kernel (counted like any conv)."""
+        kernel, and with an addend (:func:`onednn_conv_add`, whose second argument is the addend
+        and third the kernel): counted like any conv."""
+        if args and isinstance(args[0], (tuple, list)) and len(args[0]) >= 3:
+            w_shape = args[0]  # the binary overload: (x, other, weight, ...)
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 
@@ -187,3 +192,26 @@ def onednn_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding, stride,
         weight = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
     return ONEDNN_CONV(x, weight, bias, list(padding), list(stride), list(dilation), groups,
                        attr, [], "")
+
+
+def onednn_conv_add(x: Tensor, other: Tensor, weight: Tensor, bias: Tensor | None, padding,
+                    stride, dilation, groups: int, packs: PackedConvKernels | None,
+                    slot: object = None, attr: str = "none") -> Tensor:
+    """:func:`onednn_conv` of a 4D ``x`` plus ``other`` (the output's shape), the sum written
+    by the convolution itself, then the post-op ``attr``: one pass where a conv and an addition
+    made two. oneDNN fuses only ReLU after the sum (torch 2.13); other activations run in place
+    on the output."""
+    fused = attr == "relu"
+    if ONEDNN_CONV_ADD is None:
+        y = torch.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+        y += other
+        fused = False
+    else:
+        if packs is not None:
+            weight = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
+        y = ONEDNN_CONV_ADD(x, other, weight, bias, list(padding), list(stride),
+                            list(dilation), groups, "add", None, attr if fused else None, [],
+                            None)
+    if attr != "none" and not fused:
+        POST_OPS[attr](y)  # in place: the convolution's own output
+    return y
