@@ -224,3 +224,16 @@ def test_pairs_pay_only_where_they_were_measured_to() -> None:
     assert pairs_pay(3, 24, 32, 1) and pairs_pay(5, 24, 32, 2)
     assert not pairs_pay(3, 48, 64, 2) and pairs_pay(3, 48, 96, 2)
     assert not pairs_pay(7, 64, 64, 1)  # no transforms past 5 taps
+
+
+def test_gradients_flow_through_paired_steps() -> None:
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(),
+                        nn.Conv3d(4, 2, (5, 3, 3), padding=(2, 1, 1))).double()
+    net = cs.continual(copy.deepcopy(src))
+    x = torch.randn(1, 3, 9, 6, 6, dtype=torch.float64)
+    ys = [y for y in (net.forward_step(x[:, :, t]) for t in range(9)) if y is not None]
+    sum(y.square().sum() for y in ys).backward()
+    src(x)[:, :, :len(ys)].square().sum().backward()
+    for a, b in zip(net.parameters(), src.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)

@@ -465,12 +465,14 @@ class _CoConvNd(CoModule):
         fast, post, pad, stride, dil = self._pair_args(epilogue, parts[0])
         k, tr, x = self._k, pair_transforms(self._k), parts[0]
         c_in, c_out = x.shape[1], self.out_channels
-        # written and read within this step only: kept from step to step (no fresh memory)
-        buf = self._scratch.get((x.shape[0], k * c_in, *x.shape[2:]), x.dtype, x.device,
-                                torch.channels_last if x.device.type == "cpu" else
-                                torch.contiguous_format)
-        for i, terms in enumerate(tr.inputs):
-            combine(terms, parts, buf.narrow(1, i * c_in, c_in))
+        if torch.is_grad_enabled():  # autograd records no writes into a given tensor
+            buf = torch.cat([combine(terms, parts) for terms in tr.inputs], 1)
+        else:  # written and read within this step only: kept from step to step
+            buf = self._scratch.get((x.shape[0], k * c_in, *x.shape[2:]), x.dtype, x.device,
+                                    torch.channels_last if x.device.type == "cpu" else
+                                    torch.contiguous_format)
+            for i, terms in enumerate(tr.inputs):
+                combine(terms, parts, buf.narrow(1, i * c_in, c_in))
         cache = self._pair_cache
         w, b = cache.get(*self._wb())
         if fast:
