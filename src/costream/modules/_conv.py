@@ -425,10 +425,12 @@ class _CoConvNd(CoModule):
         return self._emit(y, new, age, phase)
 
     def _pairs_now(self, x: Tensor, age: Age) -> bool:
-        """Whether this step may open or close a pair: eager steps of streams of one age, and
-        on float32 CPU inference where pairs pay (:func:`pairs_pay`)."""
-        if (isinstance(age, Tensor) or not _PAIRS[0] or torch.compiler.is_compiling()
-                or torch.compiler.is_exporting()):
+        """Whether this step may open or close a pair: eager CPU steps of streams of one age,
+        and on float32 inference where pairs pay (:func:`pairs_pay`). Other devices take the
+        direct step: reading the streams' ``due`` there would wait for the device at every
+        layer, and pairs were not measured there."""
+        if (isinstance(age, Tensor) or not _PAIRS[0] or x.device.type != "cpu"
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             return False
         if not (_ONEDNN_PACKED and onednn_inference(x)):
             return True
@@ -524,16 +526,14 @@ class _CoConvNd(CoModule):
                                  dtype=dtype)
             if frames.device.type == "cpu":
                 frames = frames.contiguous(memory_format=torch.channels_last_3d)
-            state = {"frames": frames}
-            if self._paired:
-                state["frames"] = tuple(frames.select(2, j).clone(
-                    memory_format=torch.preserve_format) for j in range(self._span))
-                carry = torch.zeros(batch, self.out_channels, *spatial, device=device,
-                                    dtype=dtype)
-                if carry.device.type == "cpu":
-                    carry = carry.contiguous(memory_format=torch.channels_last)
-                state["carry"] = carry
-                state["due"] = torch.zeros(batch, device=device, dtype=dtype)
+            if not self._paired:
+                return {"frames": frames}, (self.out_channels, *spatial)
+            fmt = torch.channels_last if frames.device.type == "cpu" else torch.contiguous_format
+            state = {"frames": tuple(frames.select(2, j).contiguous(memory_format=fmt)
+                                     for j in range(self._span)),
+                     "carry": torch.zeros(batch, self.out_channels, *spatial, device=device,
+                                          dtype=dtype).contiguous(memory_format=fmt),
+                     "due": torch.zeros(batch, device=device, dtype=dtype)}
             return state, (self.out_channels, *spatial)
         g = self.groups
         state = {"psum": torch.zeros(batch, g, self._span, self.out_channels // g, *spatial,
