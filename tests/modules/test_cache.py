@@ -80,3 +80,22 @@ def test_a_changed_float_source_derives_again() -> None:
         cache.get(w, None)
         cache.get(w, None)
         assert len(calls) == 3
+
+
+def test_scratch_tensors_are_kept_per_shape_and_thread_and_not_copied() -> None:
+    import pickle
+    import threading
+
+    from costream.modules._cache import Scratch
+    scratch = Scratch()
+    args = ((2, 3), torch.float32, torch.device("cpu"), torch.contiguous_format)
+    a = scratch.get(*args)
+    assert scratch.get(*args) is a  # the same tensor next step
+    assert scratch.get((2, 4), *args[1:]) is not a
+    other = []
+    worker = threading.Thread(target=lambda: other.append(scratch.get(*args)))
+    worker.start()
+    worker.join()
+    assert other[0] is not a  # another thread stepping the same module writes elsewhere
+    for twin in (copy.deepcopy(scratch), pickle.loads(pickle.dumps(scratch))):
+        assert twin.tensors == {}

@@ -1,7 +1,9 @@
-"""Caching of tensors derived from parameters (e.g. a re-laid-out conv kernel)."""
+"""Caching of tensors derived from parameters (e.g. a re-laid-out conv kernel), and of a
+step's scratch tensors."""
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -74,3 +76,33 @@ class DerivedCache:
         """Forget the cached value (it is recomputed at the next :meth:`get`)."""
         self.key = self.value = None
         self.sources = ()
+
+
+class Scratch:
+    """A step's scratch tensors, kept from step to step (per thread): a tensor written and read
+    within one step, never part of a state or an output, need not be a fresh allocation, whose
+    first touch costs page faults and cache misses on every step. Copies and pickles start
+    empty."""
+
+    __slots__ = ("tensors",)
+    _LIMIT = 4
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple, Tensor] = {}
+
+    def get(self, shape: tuple, dtype: torch.dtype, device: torch.device,
+            memory_format: torch.memory_format) -> Tensor:
+        key = (shape, dtype, device, memory_format, threading.get_ident())
+        t = self.tensors.get(key)
+        if t is None:
+            if len(self.tensors) >= self._LIMIT:
+                self.tensors.clear()
+            t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+            self.tensors[key] = t
+        return t
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.tensors = {}

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..core._module import Age, CoModule, advance, chunk_emissions, crop_warm_up, emits
 from ..core._temporal import Temporal, as_ints
-from ._cache import DerivedCache
+from ._cache import DerivedCache, Scratch
 from ._onednn import (
     ONEDNN_CONV,
     POST_OPS,
@@ -32,7 +32,7 @@ from ._onednn import (
     onednn_usable,
     prefers_onednn,
 )
-from ._pairs import PAIRED_KERNELS, Scratch, combine, pair_transforms, pairs_pay
+from ._pairs import PAIRED_KERNELS, combine, pair_transforms, pairs_pay
 
 if TYPE_CHECKING:
     from ._fusion import Epilogue

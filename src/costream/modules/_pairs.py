@@ -21,7 +21,6 @@ This module holds the transforms; :class:`costream.modules.Conv3d` runs the step
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
@@ -156,32 +155,3 @@ def combine(terms: Terms, parts: list[Tensor], out: Tensor | None = None) -> Ten
         out.add_(parts[i], alpha=c)
     return out
 
-
-class Scratch:
-    """A step's scratch tensors, kept from step to step (per thread): a tensor written and read
-    within one step, never part of a state or an output, need not be a fresh allocation, whose
-    first touch costs page faults and cache misses on every step. Copies and pickles start
-    empty."""
-
-    __slots__ = ("tensors",)
-    _LIMIT = 4
-
-    def __init__(self) -> None:
-        self.tensors: dict[tuple, Tensor] = {}
-
-    def get(self, shape: tuple, dtype: torch.dtype, device: torch.device,
-            memory_format: torch.memory_format) -> Tensor:
-        key = (shape, dtype, device, memory_format, threading.get_ident())
-        t = self.tensors.get(key)
-        if t is None:
-            if len(self.tensors) >= self._LIMIT:
-                self.tensors.clear()
-            t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-            self.tensors[key] = t
-        return t
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.tensors = {}
