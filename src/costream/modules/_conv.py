@@ -103,6 +103,7 @@ class _CoConvNd(CoModule):
         # ... and with stride and dilation 1 in time, steps in pairs: k + 1 frame convolutions
         # per two outputs instead of 2k (see _pairs and _pair_step)
         self._paired = self._buffered and d == 1 and self.stride[0] == 1 and k in PAIRED_KERNELS
+        self._pair_tr = pair_transforms(k) if self._paired else None
         # steady-state steps of a stateless (1 x kh x kw) 3D conv straight into oneDNN
         self._lean_frames = (symmetric and _ONEDNN_PACKED and self.groups == 1 and k == 1
                              and self.stride[0] == 1 and self.padding_mode == "zeros")
@@ -389,7 +390,7 @@ class _CoConvNd(CoModule):
         # sums of scaled taps (no matrix product, which a step's MAC count would include when
         # it derives the kernels)
         u = torch.cat([sum(c * t for c, t in zip(row, taps) if c) for row in
-                       pair_transforms(k).kernels]).to(w.dtype)
+                       self._pair_tr.kernels]).to(w.dtype)
         if b is not None:
             b = torch.cat((b, b.new_zeros((k - 1) * b.shape[0])))
         return u.contiguous(), b
@@ -406,7 +407,8 @@ class _CoConvNd(CoModule):
         kept, carry, due = state["frames"], state["carry"], state["due"]
         parts = [*kept, x]  # the step's k frames: a pair's first k, or its last k
         new = {"frames": (*kept[1:], keep)}
-        if not self._pairs_now(x, age):
+        fast = _ONEDNN_PACKED and onednn_inference(x)
+        if not self._pairs_now(x, age, fast):
             open_pairs = -1
         else:
             n = due.shape[0]
@@ -417,14 +419,14 @@ class _CoConvNd(CoModule):
             y = self._buffer_conv(_stack_frames(parts), epilogue)
             new["carry"], new["due"] = carry, torch.zeros_like(due)
         elif open_pairs:
-            y = self._close_pair(parts, carry, epilogue)
+            y = self._close_pair(parts, carry, epilogue, fast)
             new["carry"], new["due"] = carry, torch.zeros_like(due)
         else:
-            y, new["carry"] = self._open_pair(parts, epilogue)
+            y, new["carry"] = self._open_pair(parts, epilogue, fast)
             new["due"] = torch.ones_like(due)
         return self._emit(y, new, age, phase)
 
-    def _pairs_now(self, x: Tensor, age: Age) -> bool:
+    def _pairs_now(self, x: Tensor, age: Age, fast: bool) -> bool:
         """Whether this step may open or close a pair: eager CPU steps of streams of one age,
         and on float32 inference where pairs pay (:func:`pairs_pay`). Other devices take the
         direct step: reading the streams' ``due`` there would wait for the device at every
@@ -432,24 +434,24 @@ class _CoConvNd(CoModule):
         if (isinstance(age, Tensor) or not _PAIRS[0] or x.device.type != "cpu"
                 or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
             return False
-        if not (_ONEDNN_PACKED and onednn_inference(x)):
+        if not fast:  # float32 CPU inference through oneDNN decides by measurement
             return True
         g = self.groups
         return pairs_pay(self._k, self.in_channels // g, self.out_channels // g,
                          torch.get_num_threads())
 
-    def _pair_args(self, epilogue: Epilogue | None, x: Tensor):
-        fast = _ONEDNN_PACKED and onednn_inference(x)
+    def _pair_args(self, epilogue: Epilogue | None):
         post = epilogue is not None and epilogue.bn is None and epilogue.attr in POST_OPS
-        return fast, post, self._frame_pad, self.stride[1:], self.dilation[1:]
+        return post, self._frame_pad, self.stride[1:], self.dilation[1:]
 
-    def _close_pair(self, parts: list[Tensor], carry: Tensor,
-                    epilogue: Epilogue | None) -> Tensor:
-        """The pair's second output: the carry plus the last product."""
-        fast, post, pad, stride, dil = self._pair_args(epilogue, parts[0])
+    def _close_pair(self, parts: list[Tensor], carry: Tensor, epilogue: Epilogue | None,
+                    fast: bool) -> Tensor:
+        """The pair's second output: the carry plus the last product (through oneDNN if
+        ``fast``)."""
+        post, pad, stride, dil = self._pair_args(epilogue)
         cache = self._last_cache
         w, b = cache.get(*self._wb())
-        v = combine(pair_transforms(self._k).last, parts)
+        v = combine(self._pair_tr.last, parts)
         if fast:
             packs = self._packed if cache.value is not None else None
             y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, packs, id(cache),
@@ -460,12 +462,12 @@ class _CoConvNd(CoModule):
                 POST_OPS[epilogue.attr](y)
         return epilogue(y) if epilogue is not None and not post else y
 
-    def _open_pair(self, parts: list[Tensor],
-                   epilogue: Epilogue | None) -> tuple[Tensor, Tensor]:
+    def _open_pair(self, parts: list[Tensor], epilogue: Epilogue | None,
+                   fast: bool) -> tuple[Tensor, Tensor]:
         """The pair's first output and the carry: the k products as one grouped conv of the
-        k frame combinations."""
-        fast, post, pad, stride, dil = self._pair_args(epilogue, parts[0])
-        k, tr, x = self._k, pair_transforms(self._k), parts[0]
+        k frame combinations (through oneDNN if ``fast``)."""
+        post, pad, stride, dil = self._pair_args(epilogue)
+        k, tr, x = self._k, self._pair_tr, parts[0]
         c_in, c_out = x.shape[1], self.out_channels
         if torch.is_grad_enabled():  # autograd records no writes into a given tensor
             buf = torch.cat([combine(terms, parts) for terms in tr.inputs], 1)
