@@ -136,9 +136,12 @@ def test_float32_pairs_run_one_grouped_conv_then_one_conv_with_the_carry(
     assert len(net[0]._packed.packs) == 2
 
 
-def test_two_paired_steps_execute_k_plus_one_frame_convolutions() -> None:
-    conv = cs.Conv3d(16, 16, 3, padding=1).double()
-    frame = torch.randn(1, 16, 6, 6, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_two_paired_steps_execute_k_plus_one_frame_convolutions(pairs_everywhere, dtype) -> None:
+    """float64 runs F.conv2d, float32 oneDNN's convolutions (the last with the carry added):
+    both are counted."""
+    conv = cs.Conv3d(16, 16, 3, padding=1).to(dtype)
+    frame = torch.randn(1, 16, 6, 6, dtype=dtype)
     per_conv = 16 * 16 * 9 * 36  # one frame convolution: C_out x C_in x 3 x 3 x pixels
     assert step_macs(conv, frame, steps=2) == 4 * per_conv  # 3 + 1, not 2 x 3
     assert step_macs(conv, frame, steps=4) == 8 * per_conv
