@@ -23,7 +23,6 @@ from ..core._temporal import Temporal, as_ints
 from ._cache import DerivedCache, Scratch
 from ._onednn import (
     ONEDNN_CONV,
-    POST_OPS,
     PackedConvKernels,
     onednn_conv,
     onednn_conv_add,
@@ -286,7 +285,7 @@ class _CoConvNd(CoModule):
         y = self._onednn_conv(x, cache, w, b, self._frame_pad, self.stride[1:],
                               self.dilation[1:], 1)
         if epilogue is not None:
-            y = epilogue(y)
+            y = epilogue(y, fresh=True)  # the conv's own output
         return y, state, None, phase
 
     # ------------------------------------------------------------------ buffered 3D steps
@@ -440,33 +439,27 @@ class _CoConvNd(CoModule):
         return pairs_pay(self._k, self.in_channels // g, self.out_channels // g,
                          torch.get_num_threads())
 
-    def _pair_args(self, epilogue: Epilogue | None):
-        post = epilogue is not None and epilogue.bn is None and epilogue.attr in POST_OPS
-        return post, self._frame_pad, self.stride[1:], self.dilation[1:]
-
     def _close_pair(self, parts: list[Tensor], carry: Tensor, epilogue: Epilogue | None,
                     fast: bool) -> Tensor:
         """The pair's second output: the carry plus the last product (through oneDNN if
-        ``fast``)."""
-        post, pad, stride, dil = self._pair_args(epilogue)
+        ``fast``, the activation as its post-op where it is the whole epilogue)."""
         cache = self._last_cache
         w, b = cache.get(*self._wb())
         v = combine(self._pair_tr.last, parts)
+        pad, stride, dil = self._frame_pad, self.stride[1:], self.dilation[1:]
+        post = None if epilogue is None or not fast else epilogue.post_op
         if fast:
             packs = self._packed if cache.value is not None else None
             y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, packs, id(cache),
-                                epilogue.attr if post else "none")
+                                post or "none")
         else:
             y = F.conv2d(v, w, b, stride, pad, dil, self.groups).add_(carry)
-            if post:
-                POST_OPS[epilogue.attr](y)
-        return epilogue(y) if epilogue is not None and not post else y
+        return y if epilogue is None or post else epilogue(y, fresh=True)
 
     def _open_pair(self, parts: list[Tensor], epilogue: Epilogue | None,
                    fast: bool) -> tuple[Tensor, Tensor]:
         """The pair's first output and the carry: the k products as one grouped conv of the
         k frame combinations (through oneDNN if ``fast``)."""
-        post, pad, stride, dil = self._pair_args(epilogue)
         k, tr, x = self._k, self._pair_tr, parts[0]
         c_in, c_out = x.shape[1], self.out_channels
         if torch.is_grad_enabled():  # autograd records no writes into a given tensor
@@ -479,6 +472,7 @@ class _CoConvNd(CoModule):
                 combine(terms, parts, buf.narrow(1, i * c_in, c_in))
         cache = self._pair_cache
         w, b = cache.get(*self._wb())
+        pad, stride, dil = self._frame_pad, self.stride[1:], self.dilation[1:]
         if fast:
             m = self._onednn_conv(buf, cache, w, b, pad, stride, dil, k * self.groups)
         else:
@@ -488,11 +482,7 @@ class _CoConvNd(CoModule):
         else:
             y = m.unflatten(1, (k, c_out)).sum(1)
         carry = combine(tr.carry, [m.narrow(1, i * c_out, c_out) for i in range(k)])
-        if post:
-            POST_OPS[epilogue.attr](y)  # in place: the sum's own output
-        elif epilogue is not None:
-            y = epilogue(y)
-        return y, carry
+        return (y if epilogue is None else epilogue(y, fresh=True)), carry
 
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int,
                         epilogue: Epilogue | None = None):

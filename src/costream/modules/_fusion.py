@@ -193,7 +193,8 @@ class PointwiseConvStep(_FusedStep):
 class Epilogue:
     """The eval batch norm and activation after a temporal conv, applied by the conv's step as
     it writes the due output: ``act(y * scale + shift)`` as one new dense tensor (the
-    multiply-add's output, the activation in place on it), or ``act(y)`` out of place.
+    multiply-add's output, the activation in place on it), or ``act(y)``: out of place, or in
+    place on a ``fresh`` output (one the conv has just written and nothing else holds).
 
     ``rest`` (the modules' own steps) runs instead where the folded form does not apply: an
     output of another dtype than the norm's (CPU autocast).
@@ -224,10 +225,16 @@ class Epilogue:
             return conv._buffer_cache, (params["weight"], params["bias"])
         return self._kernel, (params["weight"], params["bias"], *_bn_sources(self.bn))
 
-    def __call__(self, y: Tensor) -> Tensor:
+    @property
+    def post_op(self) -> str | None:
+        """The activation as a oneDNN post-op (:data:`POST_OPS` key) where it is the whole
+        epilogue (no norm), else ``None``."""
+        return self.attr if self.bn is None else None
+
+    def __call__(self, y: Tensor, fresh: bool = False) -> Tensor:
         bn = self.bn
         if bn is None:
-            return _OUT_OF_PLACE[self.attr](y)
+            return (POST_OPS if fresh else _OUT_OF_PLACE)[self.attr](y)
         scale, shift = self.cache.get(*_bn_sources(bn))
         if y.dtype != scale.dtype:
             if y.dim() == 4 and y.device.type == "cpu":

@@ -39,7 +39,8 @@ Terms = tuple[tuple[int, float], ...]  # (index, coefficient) of a linear combin
 
 def pairs_pay(k: int, in_channels: int, out_channels: int, threads: int) -> bool:
     """Whether a conv with ``k`` temporal taps and these channels per group steps in pairs on
-    ``threads`` threads (float32 CPU inference; every other path pairs wherever it can).
+    ``threads`` threads (float32 CPU inference through oneDNN; the other CPU paths pair
+    wherever they can, other devices never).
 
     A pair saves ``(k - 1) / 2`` frame convolutions per step and costs the frame
     combinations, the sum of the products and the carry: memory passes that weigh more than
