@@ -82,20 +82,31 @@ def test_a_changed_float_source_derives_again() -> None:
         assert len(calls) == 3
 
 
-def test_scratch_tensors_are_kept_per_shape_and_thread_and_not_copied() -> None:
+def test_scratch_is_one_buffer_per_thread_shared_by_every_shape_and_not_copied() -> None:
     import pickle
     import threading
 
     from costream.modules._cache import Scratch
     scratch = Scratch()
-    args = ((2, 3), torch.float32, torch.device("cpu"), torch.contiguous_format)
-    a = scratch.get(*args)
-    assert scratch.get(*args) is a  # the same tensor next step
-    assert scratch.get((2, 4), *args[1:]) is not a
+    cpu = torch.device("cpu")
+    c = scratch.get((1, 2, 2, 2, 3), torch.float32, cpu, torch.channels_last_3d)
+    assert c.shape == (1, 2, 2, 2, 3) and c.is_contiguous(memory_format=torch.channels_last_3d)
+    # the next requests (other layers' shapes) write the same memory, still in the caches
+    b = scratch.get((1, 4, 2, 3), torch.float32, cpu, torch.channels_last)
+    assert b.shape == (1, 4, 2, 3) and b.is_contiguous(memory_format=torch.channels_last)
+    a = scratch.get((2, 3), torch.float32, cpu, torch.contiguous_format)
+    assert a.shape == (2, 3) and a.is_contiguous()
+    assert a.data_ptr() == b.data_ptr() == c.data_ptr()
+    d = scratch.get((5, 5), torch.float32, cpu, torch.contiguous_format)  # grows the buffer
+    assert d.shape == (5, 5) and scratch.get((2, 3), torch.float32, cpu,
+                                             torch.contiguous_format).data_ptr() == d.data_ptr()
+    assert scratch.get((2, 3), torch.float64, cpu, torch.contiguous_format).dtype == torch.float64
     other = []
-    worker = threading.Thread(target=lambda: other.append(scratch.get(*args)))
+    worker = threading.Thread(
+        target=lambda: other.append(scratch.get((2, 3), torch.float32, cpu,
+                                                torch.contiguous_format)))
     worker.start()
     worker.join()
-    assert other[0] is not a  # another thread stepping the same module writes elsewhere
+    assert other[0].data_ptr() != a.data_ptr()  # another thread stepping writes elsewhere
     for twin in (copy.deepcopy(scratch), pickle.loads(pickle.dumps(scratch))):
-        assert twin.tensors == {}
+        assert twin.buffers == {}

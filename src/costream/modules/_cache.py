@@ -79,30 +79,44 @@ class DerivedCache:
 
 
 class Scratch:
-    """A step's scratch tensors, kept from step to step (per thread): a tensor written and read
-    within one step, never part of a state or an output, need not be a fresh allocation, whose
-    first touch costs page faults and cache misses on every step. Copies and pickles start
-    empty."""
+    """Scratch tensors of a step, kept from step to step: a tensor written and read within one
+    call, never part of a state or an output, need not be a fresh allocation, whose first touch
+    costs page faults and cache misses on every step.
 
-    __slots__ = ("tensors",)
-    _LIMIT = 4
+    One flat buffer per dtype, device and thread, grown to the largest request; :meth:`get`
+    returns a view of its start. Every layer asking the same instance writes the same memory,
+    which the previous layer has just touched: it stays in the caches where one buffer per
+    layer would not. A tensor from :meth:`get` is valid until the next :meth:`get` on the same
+    thread. Copies and pickles start empty.
+    """
+
+    __slots__ = ("buffers",)
+    _LIMIT = 16
 
     def __init__(self) -> None:
-        self.tensors: dict[tuple, Tensor] = {}
+        self.buffers: dict[tuple, Tensor] = {}
 
     def get(self, shape: tuple, dtype: torch.dtype, device: torch.device,
             memory_format: torch.memory_format) -> Tensor:
-        key = (shape, dtype, device, memory_format, threading.get_ident())
-        t = self.tensors.get(key)
-        if t is None:
-            if len(self.tensors) >= self._LIMIT:
-                self.tensors.clear()
-            t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-            self.tensors[key] = t
-        return t
+        key = (dtype, device, threading.get_ident())
+        n = 1
+        for d in shape:
+            n *= d
+        flat = self.buffers.get(key)
+        if flat is None and len(self.buffers) >= self._LIMIT:
+            self.buffers.clear()  # threads come and go: keep the memory bounded
+        if flat is None or flat.numel() < n:
+            flat = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        if memory_format == torch.channels_last and len(shape) == 4:
+            b, c, h, w = shape
+            return flat[:n].view(b, h, w, c).permute(0, 3, 1, 2)
+        if memory_format == torch.channels_last_3d and len(shape) == 5:
+            b, c, d, h, w = shape
+            return flat[:n].view(b, d, h, w, c).permute(0, 4, 1, 2, 3)
+        return flat[:n].view(shape)
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.tensors = {}
+        self.buffers = {}

@@ -40,6 +40,9 @@ _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
 _ONEDNN_PACKED = _ONEDNN and ONEDNN_CONV is not None
 _PAIRS = [True]  # paired steps on (switched off only to measure them against the direct step)
+#: the frame combinations of a pair's first step, shared by every layer (written and read
+#: within one call: the memory the previous layer wrote, still in the caches)
+_SCRATCH = Scratch()
 
 
 def _stack_frames(frames) -> Tensor:
@@ -114,7 +117,6 @@ class _CoConvNd(CoModule):
         self._cache = DerivedCache(self._frame_kernel)
         self._linear_cache = DerivedCache(self._linear_kernel)  # oneDNN's (rows, C_in) layout
         self._packed = PackedConvKernels() if self._ndim == 3 else None  # oneDNN's blocked one
-        self._scratch = Scratch()
 
     def _wb(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias (direct lookups: nn.Module.__getattr__ is slow per step)."""
@@ -465,9 +467,9 @@ class _CoConvNd(CoModule):
         if torch.is_grad_enabled():  # autograd records no writes into a given tensor
             buf = torch.cat([combine(terms, parts) for terms in tr.inputs], 1)
         else:  # written and read within this step only: kept from step to step
-            buf = self._scratch.get((x.shape[0], k * c_in, *x.shape[2:]), x.dtype, x.device,
-                                    torch.channels_last if x.device.type == "cpu" else
-                                    torch.contiguous_format)
+            buf = _SCRATCH.get((x.shape[0], k * c_in, *x.shape[2:]), x.dtype, x.device,
+                               torch.channels_last if x.device.type == "cpu" else
+                               torch.contiguous_format)
             for i, terms in enumerate(tr.inputs):
                 combine(terms, parts, buf.narrow(1, i * c_in, c_in))
         cache = self._pair_cache
@@ -477,11 +479,13 @@ class _CoConvNd(CoModule):
             m = self._onednn_conv(buf, cache, w, b, pad, stride, dil, k * self.groups)
         else:
             m = F.conv2d(buf, w, b, stride, pad, dil, k * self.groups)
-        if m.is_contiguous(memory_format=torch.channels_last) and not m.is_contiguous():
-            y = m.permute(0, 2, 3, 1).unflatten(3, (k, c_out)).sum(3).permute(0, 3, 1, 2)
-        else:
-            y = m.unflatten(1, (k, c_out)).sum(1)
-        carry = combine(tr.carry, [m.narrow(1, i * c_out, c_out) for i in range(k)])
+        products = [m.narrow(1, i * c_out, c_out) for i in range(k)]
+        # the output as a chain of additions: a reduction over the products' dim runs slower
+        # (it zero-fills its output first, then accumulates)
+        y = torch.add(products[0], products[1])
+        for p in products[2:]:
+            y.add_(p)
+        carry = combine(tr.carry, products)
         return (y if epilogue is None else epilogue(y, fresh=True)), carry
 
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int,
