@@ -229,10 +229,18 @@ def test_pairs_pay_only_where_they_were_measured_to() -> None:
     assert not pairs_pay(7, 64, 64, 1)  # no transforms past 5 taps
 
 
-def test_gradients_flow_through_paired_steps() -> None:
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "eval-batch-norm"])
+def test_gradients_flow_through_paired_steps(norm) -> None:
     torch.manual_seed(0)
-    src = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), nn.ReLU(),
+    layers = [nn.Conv3d(3, 4, 3, padding=1)]
+    if norm:  # an epilogue: the norm's multiply-add on the paired conv's output
+        layers.append(nn.BatchNorm3d(4))
+    src = nn.Sequential(*layers, nn.ReLU(),
                         nn.Conv3d(4, 2, (5, 3, 3), padding=(2, 1, 1))).double()
+    if norm:
+        src[1].eval()
+        src[1].running_mean.uniform_(-0.5, 0.5)
+        src[1].running_var.uniform_(0.5, 2.0)
     net = cs.continual(copy.deepcopy(src))
     x = torch.randn(1, 3, 9, 6, 6, dtype=torch.float64)
     ys = [y for y in (net.forward_step(x[:, :, t]) for t in range(9)) if y is not None]
