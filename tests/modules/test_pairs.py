@@ -248,3 +248,18 @@ def test_gradients_flow_through_paired_steps(norm) -> None:
     src(x)[:, :, :len(ys)].square().sum().backward()
     for a, b in zip(net.parameters(), src.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_paired_net_steps_under_no_grad_after_inference_mode(pairs_everywhere) -> None:
+    # the frame combinations' scratch made under inference mode takes no writes outside it
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Conv3d(16, 16, 3, padding=1), nn.ReLU()).eval()
+    net = cs.continual(copy.deepcopy(src)).eval()
+    x = torch.randn(1, 16, 8, 6, 6)
+    ys = []
+    with torch.inference_mode():
+        ys += [net.forward_step(x[:, :, t]) for t in range(4)]
+    with torch.no_grad():
+        ys += [net.forward_step(x[:, :, t]) for t in range(4, 8)]
+        ref = src(x)
+    torch.testing.assert_close(torch.stack(ys[1:], 2), ref[:, :, :7], rtol=1e-5, atol=1e-5)

@@ -83,11 +83,12 @@ class Scratch:
     call, never part of a state or an output, need not be a fresh allocation, whose first touch
     costs page faults and cache misses on every step.
 
-    One flat buffer per dtype, device and thread, grown to the largest request; :meth:`get`
-    returns a view of its start. Every layer asking the same instance writes the same memory,
-    which the previous layer has just touched: it stays in the caches where one buffer per
-    layer would not. A tensor from :meth:`get` is valid until the next :meth:`get` on the same
-    thread. Copies and pickles start empty.
+    One flat buffer per dtype, device, thread and inference mode (a tensor made under
+    ``torch.inference_mode`` takes no writes outside it), grown to the largest request;
+    :meth:`get` returns a view of its start. Every layer asking the same instance writes the
+    same memory, which the previous layer has just touched: it stays in the caches where one
+    buffer per layer would not. A tensor from :meth:`get` is valid until the next
+    :meth:`get` on the same thread. Copies and pickles start empty.
     """
 
     __slots__ = ("buffers",)
@@ -98,7 +99,8 @@ class Scratch:
 
     def get(self, shape: tuple, dtype: torch.dtype, device: torch.device,
             memory_format: torch.memory_format) -> Tensor:
-        key = (dtype, device, threading.get_ident())
+        # a buffer made under torch.inference_mode takes no writes outside it
+        key = (dtype, device, threading.get_ident(), torch.is_inference_mode_enabled())
         n = 1
         for d in shape:
             n *= d

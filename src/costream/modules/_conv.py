@@ -50,6 +50,21 @@ def _stack_frames(frames) -> Tensor:
     return torch.stack(frames, 2)
 
 
+def _scratch_ok() -> bool:
+    """Whether a step may write into :data:`_SCRATCH`: not under autograd (which records no
+    writes into a given tensor), not while compiling or exporting (a traced graph would hold
+    the buffer)."""
+    return not (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch.compiler.is_exporting())
+
+
+def _scratch_like(x: Tensor, shape: tuple) -> Tensor:
+    """A scratch frame tensor ``(B, C, H, W)`` of ``shape`` in ``x``'s dtype and device
+    (channels-last on the CPU)."""
+    fmt = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    return _SCRATCH.get(shape, x.dtype, x.device, fmt)
+
+
 class _CoConvNd(CoModule):
     """Shared implementation of :class:`Conv1d`, :class:`Conv2d` and :class:`Conv3d`."""
 
@@ -447,7 +462,8 @@ class _CoConvNd(CoModule):
         ``fast``, the activation as its post-op where it is the whole epilogue)."""
         cache = self._last_cache
         w, b = cache.get(*self._wb())
-        v = combine(self._pair_tr.last, parts)
+        x = parts[-1]
+        v = combine(self._pair_tr.last, parts, _scratch_like(x, x.shape) if _scratch_ok() else None)
         pad, stride, dil = self._frame_pad, self.stride[1:], self.dilation[1:]
         post = None if epilogue is None or not fast else epilogue.post_op
         if fast:
@@ -464,12 +480,10 @@ class _CoConvNd(CoModule):
         k frame combinations (through oneDNN if ``fast``)."""
         k, tr, x = self._k, self._pair_tr, parts[0]
         c_in, c_out = x.shape[1], self.out_channels
-        if torch.is_grad_enabled():  # autograd records no writes into a given tensor
+        if not _scratch_ok():
             buf = torch.cat([combine(terms, parts) for terms in tr.inputs], 1)
         else:  # written and read within this step only: kept from step to step
-            buf = _SCRATCH.get((x.shape[0], k * c_in, *x.shape[2:]), x.dtype, x.device,
-                               torch.channels_last if x.device.type == "cpu" else
-                               torch.contiguous_format)
+            buf = _scratch_like(x, (x.shape[0], k * c_in, *x.shape[2:]))
             for i, terms in enumerate(tr.inputs):
                 combine(terms, parts, buf.narrow(1, i * c_in, c_in))
         cache = self._pair_cache
