@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from fractions import Fraction
 
@@ -263,3 +264,65 @@ def test_a_paired_net_steps_under_no_grad_after_inference_mode(pairs_everywhere)
         ys += [net.forward_step(x[:, :, t]) for t in range(4, 8)]
         ref = src(x)
     torch.testing.assert_close(torch.stack(ys[1:], 2), ref[:, :, :7], rtol=1e-5, atol=1e-5)
+
+
+def _normed(c_in: int = 4, c: int = 8, act: nn.Module | None = None) -> nn.Sequential:
+    norm = nn.BatchNorm3d(c)
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    norm.weight.data.uniform_(0.5, 1.5)
+    return nn.Sequential(nn.Conv3d(c_in, c, 3, padding=1), norm,
+                         *([act] if act is not None else [])).eval()
+
+
+@pytest.mark.filterwarnings("ignore:parameters created under")
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.SiLU(), None], ids=["relu", "silu", "none"])
+def test_float32_pairs_fold_the_batch_norm_into_their_kernels(pairs_everywhere, act) -> None:
+    """A fused float32 paired step runs no multiply-add for its norm (folded into the pair
+    kernels, the carry in the norm's scale) and still equals the offline net."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    src = _normed(act=act)
+    net = cs.continual(copy.deepcopy(src)).eval()
+    x = torch.randn(2, 4, 9, 6, 6)
+    with torch.inference_mode():
+        ref = src(x)
+        ys = [net.forward_step(x[:, :, t]) for t in range(5)]
+        with Ops() as ops:  # steps 5 and 6: a pair
+            ys += [net.forward_step(x[:, :, t]) for t in range(5, 7)]
+        assert net.get_state()["tree"][0]["due"].tolist() in ([0.0, 0.0], [2.0, 2.0])
+        ys += [net.forward_step(x[:, :, t]) for t in range(7, 9)]
+    assert not [n for n in ops.names if "addcmul" in n or "batch_norm" in n]
+    torch.testing.assert_close(torch.stack(ys[1:], 2), ref[:, :, :8], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:parameters created under")
+def test_a_carry_in_the_norms_scale_meets_an_unfused_step(pairs_everywhere) -> None:
+    """Fused steps hold a pair's carry in the folded norm's scale, unfused steps as the conv
+    computes it: a step of the other kind than the open pair takes the direct step, and the
+    outputs stay the offline net's whichever steps alternate."""
+    from costream.modules import _fusion
+
+    torch.manual_seed(1)
+    src = _normed(act=nn.ReLU())
+    net = cs.continual(copy.deepcopy(src)).eval()
+    x = torch.randn(1, 4, 12, 6, 6)
+    ys, dues = [], []
+    with torch.inference_mode():
+        ref = src(x)
+        for t in range(12):
+            with _fusion.unfused() if t in (3, 4, 8) else contextlib.nullcontext():
+                ys.append(net.forward_step(x[:, :, t]))
+            dues.append(net.get_state()["tree"][0]["due"].item())
+    assert 2.0 in dues and 1.0 in dues  # pairs opened by both kinds of step
+    torch.testing.assert_close(torch.stack(ys[1:], 2), ref[:, :, :11], rtol=1e-4, atol=1e-5)

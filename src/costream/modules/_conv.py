@@ -40,6 +40,10 @@ _FRAME_CONV = {1: F.conv1d, 2: F.conv2d}
 _ONEDNN = hasattr(torch, "mkldnn_convolution") and torch.backends.mkldnn.is_available()
 _ONEDNN_PACKED = _ONEDNN and ONEDNN_CONV is not None
 _PAIRS = [True]  # paired steps on (switched off only to measure them against the direct step)
+# a paired conv's state "due": no pair open (0), its carry as the conv computes it, or in the
+# scale of the batch norm its fused steps fold into the kernels
+_CARRY, _FOLDED_CARRY = 1, 2
+_FOLD = [True]  # fused paired steps fold their norm (switched off only to measure it)
 #: the frame combinations of a pair's first step, shared by every layer (written and read
 #: within one call: the memory the previous layer wrote, still in the caches)
 _SCRATCH = Scratch()
@@ -391,16 +395,21 @@ class _CoConvNd(CoModule):
     # With stride and dilation 1 in time, a buffered conv steps in pairs (Toom-Cook F(2, k) in
     # time, see _pairs): a step that opens a pair convolves k combinations of its k frames,
     # each with a combination of the taps (one grouped convolution), and emits their sum; it
-    # keeps the part of the next output they already hold (state "carry", "due" = 1). The
+    # keeps the part of the next output they already hold (state "carry", "due" = 1, or 2
+    # where a fused float32 step folds the batch norm that follows into the pair kernels and
+    # holds the carry in its scale; a step of the other kind takes the direct step). The
     # next step closes the pair with one convolution of a combination of frames with the last
     # tap, added to the carry. On average (k + 1) / 2 frame convolutions per step instead of
     # k, never more than k. Streams of one batch whose pairs disagree (a stream joining an
     # engine's block), chunks, and compiled or exported steps take the direct step, which
     # leaves no pair open (due = 0).
-    def _pair_kernel(self) -> tuple[Tensor, Tensor | None]:
+    def _pair_kernel(self, w: Tensor | None = None,
+                     b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The k product kernels of a pair's first step, stacked for one grouped conv, and
-        the bias on the first product's channels only (its plain sum is the output)."""
-        w, b = self._wb()
+        the bias on the first product's channels only (its plain sum is the output); of the
+        conv's own weight and bias, or of ``w`` and ``b`` (a norm folded in)."""
+        if w is None:
+            w, b = self._wb()
         k = self._k
         taps = w.to(torch.float64).unbind(2)
         # sums of scaled taps (no matrix product, which a step's MAC count would include when
@@ -411,9 +420,19 @@ class _CoConvNd(CoModule):
             b = torch.cat((b, b.new_zeros((k - 1) * b.shape[0])))
         return u.contiguous(), b
 
-    def _last_kernel(self) -> tuple[Tensor, Tensor | None]:
-        w, b = self._wb()
+    def _last_kernel(self, w: Tensor | None = None,
+                     b: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if w is None:
+            w, b = self._wb()
         return w.select(2, self._k - 1).contiguous(), b
+
+    def _pair_kernels(self, epilogue: Epilogue | None, folded: bool):
+        """The caches of the pair kernels (a pair's first step, its last product) and the
+        tensors they derive from: the conv's own, or with the epilogue's norm folded in."""
+        if folded:
+            return epilogue.pair_caches(self)
+        sources = self._wb()
+        return self._pair_cache, self._last_cache, sources
 
     def _pair_step(self, x: Tensor, keep: Tensor, state: dict, age: Age, phase: int,
                    epilogue: Epilogue | None):
@@ -424,22 +443,29 @@ class _CoConvNd(CoModule):
         parts = [*kept, x]  # the step's k frames: a pair's first k, or its last k
         new = {"frames": (*kept[1:], keep)}
         fast = _ONEDNN_PACKED and onednn_inference(x)
+        # float32 inference folds the norm of the epilogue into the pair kernels: the carry is
+        # then held in the norm's scale, which "due" records (2 instead of 1)
+        folded = _FOLD[0] and fast and epilogue is not None and epilogue.bn is not None
+        kind = _FOLDED_CARRY if folded else _CARRY
         if not self._pairs_now(x, age, fast):
-            open_pairs = -1
+            pending = -1
         else:
-            n = due.shape[0]
-            open_pairs = int(due.sum()) if n != 1 else int(due.item())
-            if open_pairs not in (0, n):
-                open_pairs = -1  # streams out of step: a direct step brings them in step
-        if open_pairs < 0:
+            if due.shape[0] == 1:
+                lo = hi = int(due.item())
+            else:
+                lo, hi = (int(v) for v in torch.aminmax(due))
+            # streams out of step (a stream joining an engine's block), or a carry held in
+            # another scale than this step's: a direct step brings them in step
+            pending = lo if lo == hi and lo in (0, kind) else -1
+        if pending < 0:
             y = self._buffer_conv(_stack_frames(parts), epilogue)
             new["carry"], new["due"] = carry, torch.zeros_like(due)
-        elif open_pairs:
-            y = self._close_pair(parts, carry, epilogue, fast)
+        elif pending:
+            y = self._close_pair(parts, carry, epilogue, fast, folded)
             new["carry"], new["due"] = carry, torch.zeros_like(due)
         else:
-            y, new["carry"] = self._open_pair(parts, epilogue, fast)
-            new["due"] = torch.ones_like(due)
+            y, new["carry"] = self._open_pair(parts, epilogue, fast, folded)
+            new["due"] = torch.full_like(due, kind)
         return self._emit(y, new, age, phase)
 
     def _pairs_now(self, x: Tensor, age: Age, fast: bool) -> bool:
@@ -457,27 +483,33 @@ class _CoConvNd(CoModule):
                          torch.get_num_threads())
 
     def _close_pair(self, parts: list[Tensor], carry: Tensor, epilogue: Epilogue | None,
-                    fast: bool) -> Tensor:
+                    fast: bool, folded: bool) -> Tensor:
         """The pair's second output: the carry plus the last product (through oneDNN if
-        ``fast``, the activation as its post-op where it is the whole epilogue)."""
-        cache = self._last_cache
-        w, b = cache.get(*self._wb())
+        ``fast``, the activation as its post-op where nothing else of the epilogue is left:
+        no norm, or a norm ``folded`` into the kernels)."""
+        _, cache, sources = self._pair_kernels(epilogue, folded)
+        w, b = cache.get(*sources)
         x = parts[-1]
-        v = combine(self._pair_tr.last, parts, _scratch_like(x, x.shape) if _scratch_ok() else None)
+        v = combine(self._pair_tr.last, parts,
+                    _scratch_like(x, x.shape) if _scratch_ok() else None)
         pad, stride, dil = self._frame_pad, self.stride[1:], self.dilation[1:]
-        post = None if epilogue is None or not fast else epilogue.post_op
+        post = None if epilogue is None or not fast else (epilogue.attr if folded else
+                                                             epilogue.post_op)
         if fast:
             packs = self._packed if cache.value is not None else None
             y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, packs, id(cache),
                                 post or "none")
         else:
             y = F.conv2d(v, w, b, stride, pad, dil, self.groups).add_(carry)
-        return y if epilogue is None or post else epilogue(y, fresh=True)
+        if epilogue is None or post:
+            return y
+        return epilogue.activate(y) if folded else epilogue(y, fresh=True)
 
     def _open_pair(self, parts: list[Tensor], epilogue: Epilogue | None,
-                   fast: bool) -> tuple[Tensor, Tensor]:
+                   fast: bool, folded: bool) -> tuple[Tensor, Tensor]:
         """The pair's first output and the carry: the k products as one grouped conv of the
-        k frame combinations (through oneDNN if ``fast``)."""
+        k frame combinations (through oneDNN if ``fast``; a norm of the epilogue ``folded``
+        into the kernels leaves its activation, and the carry in the norm's scale)."""
         k, tr, x = self._k, self._pair_tr, parts[0]
         c_in, c_out = x.shape[1], self.out_channels
         if not _scratch_ok():
@@ -486,8 +518,8 @@ class _CoConvNd(CoModule):
             buf = _scratch_like(x, (x.shape[0], k * c_in, *x.shape[2:]))
             for i, terms in enumerate(tr.inputs):
                 combine(terms, parts, buf.narrow(1, i * c_in, c_in))
-        cache = self._pair_cache
-        w, b = cache.get(*self._wb())
+        cache, _, sources = self._pair_kernels(epilogue, folded)
+        w, b = cache.get(*sources)
         pad, stride, dil = self._frame_pad, self.stride[1:], self.dilation[1:]
         if fast:
             m = self._onednn_conv(buf, cache, w, b, pad, stride, dil, k * self.groups)
@@ -500,6 +532,8 @@ class _CoConvNd(CoModule):
         for p in products[2:]:
             y.add_(p)
         carry = combine(tr.carry, products)
+        if folded:
+            return epilogue.activate(y), carry
         return (y if epilogue is None else epilogue(y, fresh=True)), carry
 
     def _strided_update(self, x: Tensor, psum: Tensor | None, phase: int,

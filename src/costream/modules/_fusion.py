@@ -205,6 +205,8 @@ class Epilogue:
         self.conv, self.bn, self.attr, self.rest = conv, bn, attr, rest
         self.cache = DerivedCache(self._affine)
         self._kernel = DerivedCache(self._folded_kernel)
+        self._pair = DerivedCache(self._folded_pair_kernel)
+        self._last = DerivedCache(self._folded_last_kernel)
 
     def _affine(self) -> tuple[Tensor, Tensor]:
         return _bn_affine(self.bn)
@@ -215,6 +217,24 @@ class Epilogue:
         w = w * scale.view(-1, *(1,) * (w.dim() - 1))
         b = shift if b is None else shift + b * scale
         return w.contiguous(), b.to(w.dtype)
+
+    def _folded_pair_kernel(self) -> tuple[Tensor, Tensor]:
+        return self.conv._pair_kernel(*self._folded_kernel())
+
+    def _folded_last_kernel(self) -> tuple[Tensor, Tensor]:
+        return self.conv._last_kernel(*self._folded_kernel())
+
+    def pair_caches(self, conv: nn.Module) -> tuple[DerivedCache, DerivedCache, tuple]:
+        """For a conv stepping in pairs (a paired 3D conv) with this norm folded in: the caches
+        of its kernels for a pair's first step and for its last product, and the tensors they
+        derive from (the activation is then all that is left: :meth:`activate`)."""
+        params = conv._parameters
+        return self._pair, self._last, (params["weight"], params["bias"],
+                                        *_bn_sources(self.bn))
+
+    def activate(self, y: Tensor) -> Tensor:
+        """The activation alone, in place on a fresh output (the norm folded upstream)."""
+        return y if self.attr == "none" else POST_OPS[self.attr](y)
 
     def kernel_cache(self, conv: nn.Module) -> tuple[DerivedCache, tuple]:
         """For a conv whose step computes complete outputs (a buffered 3D conv): the cache of
