@@ -109,4 +109,4 @@ def test_scratch_is_one_buffer_per_thread_shared_by_every_shape_and_not_copied()
     worker.join()
     assert other[0].data_ptr() != a.data_ptr()  # another thread stepping writes elsewhere
     for twin in (copy.deepcopy(scratch), pickle.loads(pickle.dumps(scratch))):
-        assert twin.buffers == {}
+        assert twin.buffers == {} and twin.views == {}

@@ -91,34 +91,45 @@ class Scratch:
     :meth:`get` on the same thread. Copies and pickles start empty.
     """
 
-    __slots__ = ("buffers",)
+    __slots__ = ("buffers", "views")
     _LIMIT = 16
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, Tensor] = {}
+        self.views: dict[tuple, Tensor] = {}  # the views handed out, by request
 
     def get(self, shape: tuple, dtype: torch.dtype, device: torch.device,
             memory_format: torch.memory_format) -> Tensor:
         # a buffer made under torch.inference_mode takes no writes outside it
         key = (dtype, device, threading.get_ident(), torch.is_inference_mode_enabled())
+        view = self.views.get((shape, memory_format, key))
+        if view is not None:  # (a step asks the same shapes every time: no new view)
+            return view
         n = 1
         for d in shape:
             n *= d
         flat = self.buffers.get(key)
         if flat is None and len(self.buffers) >= self._LIMIT:
             self.buffers.clear()  # threads come and go: keep the memory bounded
+            self.views.clear()
         if flat is None or flat.numel() < n:
             flat = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+            self.views = {k: v for k, v in self.views.items() if k[2] != key}  # the old buffer's
+        if len(self.views) >= 8 * self._LIMIT:
+            self.views.clear()
         if memory_format == torch.channels_last and len(shape) == 4:
             b, c, h, w = shape
-            return flat[:n].view(b, h, w, c).permute(0, 3, 1, 2)
-        if memory_format == torch.channels_last_3d and len(shape) == 5:
+            view = flat[:n].view(b, h, w, c).permute(0, 3, 1, 2)
+        elif memory_format == torch.channels_last_3d and len(shape) == 5:
             b, c, d, h, w = shape
-            return flat[:n].view(b, d, h, w, c).permute(0, 4, 1, 2, 3)
-        return flat[:n].view(shape)
+            view = flat[:n].view(b, d, h, w, c).permute(0, 4, 1, 2, 3)
+        else:
+            view = flat[:n].view(shape)
+        self.views[(shape, memory_format, key)] = view
+        return view
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self.buffers = {}
+        self.buffers, self.views = {}, {}
