@@ -516,8 +516,8 @@ class _CoConvNd(CoModule):
             buf = torch.cat([combine(terms, parts) for terms in tr.inputs], 1)
         else:  # written and read within this step only: kept from step to step
             buf = _scratch_like(x, (x.shape[0], k * c_in, *x.shape[2:]))
-            for i, terms in enumerate(tr.inputs):
-                combine(terms, parts, buf.narrow(1, i * c_in, c_in))
+            for terms, out in zip(tr.inputs, buf.split(c_in, 1)):
+                combine(terms, parts, out)
         cache, _, sources = self._pair_kernels(epilogue, folded)
         w, b = cache.get(*sources)
         pad, stride, dil = self._frame_pad, self.stride[1:], self.dilation[1:]
@@ -525,7 +525,7 @@ class _CoConvNd(CoModule):
             m = self._onednn_conv(buf, cache, w, b, pad, stride, dil, k * self.groups)
         else:
             m = F.conv2d(buf, w, b, stride, pad, dil, k * self.groups)
-        products = [m.narrow(1, i * c_out, c_out) for i in range(k)]
+        products = m.split(c_out, 1)
         # the output as a chain of additions: a reduction over the products' dim runs slower
         # (it zero-fills its output first, then accumulates)
         y = torch.add(products[0], products[1])
