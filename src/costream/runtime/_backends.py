@@ -71,7 +71,8 @@ def _check_frames(backend: str, x: Any, state: dict[str, Any], stride: int,
                          f"B={batch}, stride={stride}, got {tuple(x.shape)}")
     want_dtype = str(dtype).removeprefix("torch.") if dtype is not None else state.get("dtype")
     if want_dtype is not None and str(x.dtype).removeprefix("torch.") != want_dtype:
-        raise TypeError(f"the {backend} step takes {want_dtype} frames (the state's), got "
+        whose = "the backend's" if dtype is not None else "the state's"
+        raise TypeError(f"the {backend} step takes {want_dtype} frames ({whose}), got "
                         f"{x.dtype}")
 
 
@@ -166,10 +167,9 @@ class _ExportedStep:
         raise NotImplementedError
 
     def __call__(self, x: Tensor, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dtype != self.dtype:
-            raise ValueError(f"the {self.backend} backend steps {self.dtype} CPU tensors, got "
-                             f"{getattr(x, 'dtype', type(x).__name__)} on "
-                             f"{getattr(x, 'device', '?')}")
+        if not isinstance(x, Tensor) or x.device.type != "cpu":
+            got = f"a tensor on {x.device}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"the {self.backend} backend steps CPU tensors of frames, got {got}")
         _check_frames(self.backend, x, state, self._stride, self.frame_shape, self.dtype)
         tree = state["tree"]
         session, manifest = self._graph(x.shape[0], tree)
