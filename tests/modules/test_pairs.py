@@ -326,3 +326,60 @@ def test_a_carry_in_the_norms_scale_meets_an_unfused_step(pairs_everywhere) -> N
             dues.append(net.get_state()["tree"][0]["due"].item())
     assert 2.0 in dues and 1.0 in dues  # pairs opened by both kinds of step
     torch.testing.assert_close(torch.stack(ys[1:], 2), ref[:, :, :11], rtol=1e-4, atol=1e-5)
+
+
+def _clones(net, frames) -> list[int]:
+    """The number of tensor copies (aten.clone) of each step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Clones(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.clone.default:
+                Clones.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for f in frames:
+        Clones.n = 0
+        with Clones():
+            net.forward_step(f)
+        counts.append(Clones.n)
+    return counts
+
+
+def test_a_sequential_hands_its_intermediates_to_paired_convs_without_a_copy(
+        pairs_everywhere) -> None:
+    """Only the caller's frame is copied into a state; the frames the first conv hands on
+    are kept as they are, and the outputs stay the offline net's."""
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Conv3d(4, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv3d(8, 8, 3, padding=1), nn.Conv3d(8, 6, 3, padding=1)).eval()
+    net = cs.continual(copy.deepcopy(src)).eval()
+    x = torch.randn(1, 4, 9, 6, 6)
+    frames = [x[:, :, t].contiguous(memory_format=torch.channels_last) for t in range(9)]
+    with torch.inference_mode():
+        counts = _clones(net, frames[:4])
+        ys = [net.forward_step(f) for f in frames[4:]]
+        ref = src(x)
+    assert counts == [1] * 4  # the first conv's copy of the caller's frame, nothing more
+    torch.testing.assert_close(torch.stack(ys, 2), ref[:, :, 1:6], rtol=1e-4, atol=1e-5)
+
+
+def test_a_frame_an_in_place_module_passes_on_is_still_the_callers(pairs_everywhere) -> None:
+    """An in-place activation before a paired conv hands it the caller's own tensor: the
+    conv copies it, so a caller refilling its frame tensor changes no state."""
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.ReLU(inplace=True), nn.Conv3d(4, 8, 3, padding=1)).eval()
+    net = cs.continual(copy.deepcopy(src)).eval()
+    x = torch.randn(1, 4, 7, 6, 6)
+    buf = torch.empty(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    outs = []
+    with torch.inference_mode():
+        for t in range(7):
+            buf.copy_(x[:, :, t])
+            outs.append(net.forward_step(buf))
+        ref = src(x.clone())
+    got = torch.stack([y for y in outs if y is not None], 2)
+    torch.testing.assert_close(got, ref[:, :, :got.shape[2]], rtol=1e-4, atol=1e-5)

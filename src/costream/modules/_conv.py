@@ -12,6 +12,7 @@ outputs from ``k + 1`` frame convolutions instead of ``2 k`` (:meth:`_CoConvNd._
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -47,6 +48,10 @@ _FOLD = [True]  # fused paired steps fold their norm (switched off only to measu
 #: the frame combinations of a pair's first step, shared by every layer (written and read
 #: within one call: the memory the previous layer wrote, still in the caches)
 _SCRATCH = Scratch()
+#: ``entry = (x, conv)``: a container hands the paired ``conv`` its input ``x`` as its own (an
+#: intermediate of the step that nothing else reads or writes), which the conv then keeps as a
+#: frame of its state without a copy (see costream.Sequential._step)
+HANDED = threading.local()
 
 
 def _stack_frames(frames) -> Tensor:
@@ -337,9 +342,12 @@ class _CoConvNd(CoModule):
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         if self._paired:
-            # the state keeps its own copy of the frame: the caller may refill its tensor
-            return self._pair_step(x, x.clone() if x is given else x, state, age, phase,
-                                   epilogue)
+            # the state keeps its own copy of the frame (the caller may refill its tensor),
+            # unless the container handed the frame over as this conv's own
+            entry = getattr(HANDED, "entry", None)
+            own = x is not given or (entry is not None and entry[1] is self
+                                     and entry[0] is given)
+            return self._pair_step(x, x if own else x.clone(), state, age, phase, epilogue)
         frames = torch.cat((state["frames"], x.unsqueeze(2)), dim=2)
         new = {"frames": frames[:, :, 1:]}  # a view: the frames are this step's own copy
         if not emits(phase, self._span - self._tpad[0], self.stride[0]):

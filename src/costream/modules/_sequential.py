@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core._mode import call_mode
 from ..core._module import Age, CoModule, advance, shift
 from ..core._temporal import Temporal
+from ._conv import HANDED
 from ._fusion import fuse_plan
 from ._pointwise import is_pointwise, pointwise_step
 
@@ -75,6 +76,11 @@ class Sequential(CoModule, nn.Sequential):
                        else pointwise_step(m)) for i, m in enumerate(modules)]
         # single steps run conv -> batch norm -> activation triples fused (see _fusion)
         self._step_plan = fuse_plan(modules, self._plan)
+        # the paired convs among the steps: handed their input as their own where it is an
+        # intermediate of the step (no copy into their state)
+        self._hands = [m if getattr(m, "_paired", False) else None
+                       for m in (modules[i] for i, _, _ in self._step_plan)]
+        self._handing = any(m is not None for m in self._hands)
 
     def _temporal(self) -> Temporal:
         t = Temporal()
@@ -101,9 +107,22 @@ class Sequential(CoModule, nn.Sequential):
 
     def _step(self, x: Any, state: tuple, age: Age, phase: int):
         new = list(state)
-        for i, co, fn in self._step_plan:
+        # an input that shares no memory with the step's input x0 was made within this step,
+        # and a Sequential passes it to the next module only: a paired conv may keep it
+        handing = (self._handing and isinstance(x, Tensor) and not torch.compiler.is_compiling()
+                   and not torch.compiler.is_exporting())
+        base = x.untyped_storage().data_ptr() if handing else None
+        for (i, co, fn), conv in zip(self._step_plan, self._hands):
             if co:
-                x, new[i], age, phase = fn(x, new[i], age, phase)
+                if (handing and conv is not None and isinstance(x, Tensor)
+                        and x.untyped_storage().data_ptr() != base):
+                    HANDED.entry = (x, conv)
+                    try:
+                        x, new[i], age, phase = fn(x, new[i], age, phase)
+                    finally:
+                        HANDED.entry = None
+                else:
+                    x, new[i], age, phase = fn(x, new[i], age, phase)
                 if x is None:
                     return None, tuple(new), None, 0
             else:
