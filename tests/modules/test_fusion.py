@@ -317,14 +317,22 @@ def test_epilogue_under_cpu_autocast_equals_the_unfused_step() -> None:
             torch.testing.assert_close(a, b)
 
 
-def test_a_copy_made_under_inference_mode_resumes_a_fused_stream_bit_identically() -> None:
+@pytest.mark.parametrize("conv", ["3x3x3", "grouped-5-taps"])
+def test_a_copy_made_under_inference_mode_resumes_a_fused_stream_bit_identically(conv) -> None:
     """Under inference mode the contract's fresh copy has inference-tensor parameters, whose
-    kernels are never packed: the unpacked kernel must run the same oneDNN op (the SiLU
-    post-op included) to resume the saved stream bit for bit."""
+    kernels are derived at every step: they must run the same oneDNN op on the same packed
+    kernel layout (the SiLU post-op included) to resume the saved stream bit for bit (a
+    grouped conv handed the plain kernel computed other bits)."""
     torch.manual_seed(4)
-    ref = nn.Sequential(nn.Conv3d(3, 4, 3, padding="same"), _bn(nn.BatchNorm3d, 4),
-                        nn.SiLU()).eval()
+    c, layer = (4, nn.Conv3d(3, 4, 3, padding="same")) if conv == "3x3x3" else (
+        24, nn.Conv3d(24, 24, (5, 3, 3), padding=(2, 1, 1), groups=2))
+    ref = nn.Sequential(layer, _bn(nn.BatchNorm3d, c), nn.SiLU()).eval()
     net = cs.continual(ref)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (where the plain and the packed kernel's bits differed)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the copy's kernels are derived at every step
-        assert_streaming_equivalent(net, torch.randn(2, 3, 7, 6, 5), ref)
+        try:
+            assert_streaming_equivalent(net, torch.randn(1, layer.in_channels, 9, 6, 5), ref)
+        finally:
+            torch.set_num_threads(threads)

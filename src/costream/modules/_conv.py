@@ -326,9 +326,11 @@ class _CoConvNd(CoModule):
     # oneDNN's post-op.
     def _onednn_conv(self, x: Tensor, cache: DerivedCache, w: Tensor, b: Tensor | None, pad,
                      stride, dilation, groups: int, attr: str = "none") -> Tensor:
-        """oneDNN's convolution with ``cache``'s kernel ``w``, packed once where the cache holds
-        it (not for kernels recomputed at every step)."""
-        packs = self._packed if cache.value is not None else None
+        """oneDNN's convolution with ``cache``'s kernel ``w``, packed (once where the cache
+        holds it; at every step for a kernel derived at every step, from inference-tensor
+        parameters: the plain kernel computed other bits for grouped convs, and a copy made
+        under inference mode must resume a stream bit for bit)."""
+        packs = self._packed
         return onednn_conv(x, w, b, pad, stride, dilation, groups, packs, id(cache), attr)
 
     def _buffer_kernel(self) -> tuple[Tensor, Tensor | None]:
@@ -504,7 +506,7 @@ class _CoConvNd(CoModule):
         post = None if epilogue is None or not fast else (epilogue.attr if folded else
                                                              epilogue.post_op)
         if fast:
-            packs = self._packed if cache.value is not None else None
+            packs = self._packed
             y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, packs, id(cache),
                                 post or "none")
         else:

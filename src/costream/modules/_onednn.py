@@ -186,8 +186,8 @@ def onednn_conv(x: Tensor, weight: Tensor, bias: Tensor | None, padding, stride,
         if attr != "none":
             POST_OPS[attr](y)
         return y
-    # the same op with the plain kernel (re-laid out by oneDNN at each call) computes the same
-    # bits: a module whose kernels are not packed steps exactly like one whose kernels are
+    # handed the plain kernel, oneDNN re-lays it out at each call, and for grouped convs it
+    # computed other bits than with the packed kernel: the steps pack every kernel they use
     if packs is not None:
         weight = packs.get(slot, weight, x.shape, padding, stride, dilation, groups)
     return ONEDNN_CONV(x, weight, bias, list(padding), list(stride), list(dilation), groups,
