@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[{spec.name} {t} thr] anchor/costream "
                   f"{'-' if ratio is None else f'{ratio:.2f}x'}, "
                   f"window/best {res['window_over_best']:.2f}x ({res['best_backend']}), floor "
-                  f"{100 * res['floor_fraction']:.0f} %, other load "
+                  f"{100 * res['floor_fraction']:.0f} % (rates measured at the start; the "
+                  f"report takes the better of start and end), other load "
                   f"{res['other_processes_cpus'] or 0:.2f}", flush=True)
         row["seconds"] = time.perf_counter() - t_row
         report["rows"].append(row)
