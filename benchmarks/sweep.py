@@ -109,27 +109,28 @@ def check(spec: Spec, b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _mean_step_macs(module: nn.Module, clip: Tensor) -> float:
+    """MACs of the last two steps of ``module`` over ``clip`` from a fresh stream, per step
+    (a paired conv splits its work unevenly between two consecutive steps)."""
+    reset(module)
+    for t in range(clip.shape[2] - 2):
+        module.forward_step(clip[:, :, t])
+    return counted_macs(lambda: (module.forward_step(clip[:, :, -2]),
+                                 module.forward_step(clip[:, :, -1])))["total"] / 2
+
+
 def static(spec: Spec, b: dict[str, Any]) -> dict[str, Any]:
     """MACs and bytes of one steady-state costream step (MACs: the mean of two consecutive
     steps, which a paired conv splits unevenly)."""
     co, clip = b["costream"], b["clip"]
-    reset(co)
     with torch.inference_mode():
-        for t in range(clip.shape[2] - 2):
-            co.forward_step(clip[:, :, t])
-        macs = counted_macs(lambda: (co.forward_step(clip[:, :, -2]),
-                                     co.forward_step(clip[:, :, -1])))["total"] / 2
+        macs = _mean_step_macs(co, clip)
         state = state_bytes(co.get_state()["tree"])
         y = co.forward_step(clip[:, :, 0])
         anchor_macs = None
         if b["anchor"] is not None:  # what the anchor executes per step
-            an = b["anchor"]
-            reset(an)
-            for t in range(clip.shape[2] - 2):
-                an.forward_step(clip[:, :, t])
-            anchor_macs = counted_macs(lambda: (an.forward_step(clip[:, :, -2]),
-                                                an.forward_step(clip[:, :, -1])))["total"] / 2
-            reset(an)
+            anchor_macs = _mean_step_macs(b["anchor"], clip)
+            reset(b["anchor"])
     reset(co)
     params = sum(p.numel() * p.element_size() for p in co.parameters())
     frame = clip[:, :, 0].numel() * 4

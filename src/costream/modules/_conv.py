@@ -68,10 +68,9 @@ def _scratch_ok() -> bool:
 
 
 def _scratch_like(x: Tensor, shape: tuple) -> Tensor:
-    """A scratch frame tensor ``(B, C, H, W)`` of ``shape`` in ``x``'s dtype and device
-    (channels-last on the CPU)."""
-    fmt = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
-    return _SCRATCH.get(shape, x.dtype, x.device, fmt)
+    """A channels-last scratch frame tensor ``(B, C, H, W)`` of ``shape`` in ``x``'s dtype
+    (paired steps run on the CPU only)."""
+    return _SCRATCH.get(shape, x.dtype, x.device, torch.channels_last)
 
 
 class _CoConvNd(CoModule):
@@ -330,8 +329,8 @@ class _CoConvNd(CoModule):
         holds it; at every step for a kernel derived at every step, from inference-tensor
         parameters: the plain kernel computed other bits for grouped convs, and a copy made
         under inference mode must resume a stream bit for bit)."""
-        packs = self._packed
-        return onednn_conv(x, w, b, pad, stride, dilation, groups, packs, id(cache), attr)
+        return onednn_conv(x, w, b, pad, stride, dilation, groups, self._packed, id(cache),
+                           attr)
 
     def _buffer_kernel(self) -> tuple[Tensor, Tensor | None]:
         w, b = self._wb()
@@ -446,9 +445,10 @@ class _CoConvNd(CoModule):
 
     def _pair_step(self, x: Tensor, keep: Tensor, state: dict, age: Age, phase: int,
                    epilogue: Epilogue | None):
-        """The step of a paired conv on frame ``x`` (``keep``: the copy the state keeps). Its
-        state keeps the last ``k - 1`` frames one by one: the transforms read them one by one,
-        and a step copies no frame but the new one."""
+        """The step of a paired conv on frame ``x`` (``keep``: what the state keeps, a copy or
+        the frame itself where the container handed it over). Its state keeps the last
+        ``k - 1`` frames one by one: the transforms read them one by one, and a step copies no
+        frame but the new one."""
         kept, carry, due = state["frames"], state["carry"], state["due"]
         parts = [*kept, x]  # the step's k frames: a pair's first k, or its last k
         new = {"frames": (*kept[1:], keep)}
@@ -506,9 +506,8 @@ class _CoConvNd(CoModule):
         post = None if epilogue is None or not fast else (epilogue.attr if folded else
                                                              epilogue.post_op)
         if fast:
-            packs = self._packed
-            y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, packs, id(cache),
-                                post or "none")
+            y = onednn_conv_add(v, carry, w, b, pad, stride, dil, self.groups, self._packed,
+                                id(cache), post or "none")
         else:
             y = F.conv2d(v, w, b, stride, pad, dil, self.groups).add_(carry)
         if epilogue is None or post:
